@@ -1,0 +1,1 @@
+"""The IR: mask algebra, predicates, stages and programs (what is computed, never how)."""

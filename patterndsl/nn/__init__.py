@@ -1,0 +1,1 @@
+"""`nn.Module` layers built from patterndsl programs (projections included)."""
