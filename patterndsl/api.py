@@ -72,7 +72,8 @@ def _parse_cached(text: str, name: str) -> tuple[Program, ...]:
         check_module(module, source)
         programs = tuple(Program(p, source, module) for p in module.patterns)
         for prog in programs:  # value checks with the defaults: a checked program lowers
-            lower(prog.pattern, {})
+            if all(prm.default is not None for prm in prog.pattern.params):
+                lower(prog.pattern, {})
     except PatternError as e:
         raise e.with_source(source) from None
     except RecursionError:

@@ -101,7 +101,9 @@ def test_to_source_round_trips_through_dense():
     for m in cases:
         assert isinstance(M.to_source(m), str) and M.to_source(m)
     assert M.to_source(M.CAUSAL) == "causal"
-    assert M.to_source(M.sliding(2)) == "where(abs(i - j) <= 2)"
+    assert M.to_source(M.sliding(2)) == "sliding(2)"
+    assert M.to_source(M.window(3, 0, 2)) == "window(3, 0, 2)"
+    assert M.to_source(M.cols(range(5))) == "cols(range(0, 5))"
 
 
 @pytest.mark.parametrize("count,block,n", [(2, 4, 16), (3, 8, 70), (5, 4, 12), (0, 4, 8)])

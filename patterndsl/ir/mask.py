@@ -297,6 +297,22 @@ def is_causal(m: Mask) -> bool:
     return m == CAUSAL
 
 
+def _band_source(m: Band) -> str:
+    d = m.step
+    if m == CAUSAL:
+        return "causal"
+    if m.lo is not None and m.hi is not None and m.lo <= 0 <= m.hi:
+        before, after = m.hi // d, -m.lo // d
+        dil = f", {d}" if d > 1 else ""
+        return f"sliding({before}{dil})" if before == after else f"window({before}, {after}{dil})"
+    if m.lo is None and m.hi is None:
+        return f"strided({d})"
+    conds = ([f"i - j >= {m.lo}"] if m.lo is not None else []) + ([f"i - j <= {m.hi}"] if m.hi is not None else [])
+    if d > 1:
+        conds.append(f"(i - j) % {d} == 0")
+    return f"where({' and '.join(conds)})"
+
+
 def to_source(m: Mask) -> str:
     """The mask as `.attn` text (an equivalent spelling of the normal form)."""
     if isinstance(m, Full):
@@ -304,22 +320,13 @@ def to_source(m: Mask) -> str:
     if isinstance(m, Empty):
         return "empty"
     if isinstance(m, Band):
-        if m == CAUSAL:
-            return "causal"
-        conds = []
-        if m.lo is not None and m.hi is not None and m.lo == -m.hi and m.step == 1:
-            conds.append(f"abs(i - j) <= {m.hi}")
-        else:
-            if m.lo is not None:
-                conds.append(f"i - j >= {m.lo}")
-            if m.hi is not None:
-                conds.append(f"i - j <= {m.hi}")
-        if m.step > 1:
-            conds.append(f"(i - j) % {m.step} == 0")
-        return f"where({' and '.join(conds)})"
+        return _band_source(m)
     if isinstance(m, (Rows, Cols)):
         name = "rows" if isinstance(m, Rows) else "cols"
-        return f"{name}({{{', '.join(map(str, sorted(m.idx)))}}})"
+        idx = sorted(m.idx)
+        if len(idx) > 3 and idx[-1] - idx[0] + 1 == len(idx):
+            return f"{name}(range({idx[0]}, {idx[-1] + 1}))"
+        return f"{name}({{{', '.join(map(str, idx))}}})"
     if isinstance(m, Blocks):
         return f"blocks({m.size})"
     if isinstance(m, Random):
