@@ -18,4 +18,7 @@ def get_backend(name: str):
     """The backend object called `name` (imported on first use)."""
     if name not in BACKEND_NAMES:
         raise KeyError(name)
-    return importlib.import_module(f"{__name__}.{name}").BACKEND
+    module = importlib.import_module(f"{__name__}.{name}")
+    if not hasattr(module, "BACKEND"):
+        raise ImportError(f"backend '{name}' is not available in this build")
+    return module.BACKEND
