@@ -83,18 +83,16 @@ class _Checker:
                 inner = node.func == "where" or where
                 if node.func in ("same", "nested"):
                     continue
-                for a in node.args:
-                    self.expr(a, inner) if inner != where else stack.append(a)
-                for k in node.kwargs:
-                    self.expr(k.value, inner) if inner != where else stack.append(k.value)
+                for a in list(node.args) + [k.value for k in node.kwargs]:
+                    self.expr(a, inner)
             elif isinstance(node, ast.SetLit):
-                stack.extend(node.items)
+                stack.extend(reversed(node.items))
             elif isinstance(node, ast.BinOp):
-                stack.extend((node.left, node.right))
+                stack.extend((node.right, node.left))  # report problems in source order
             elif isinstance(node, ast.UnaryOp):
                 stack.append(node.operand)
             elif isinstance(node, ast.IfExpr):
-                stack.extend((node.cond, node.then, node.other))
+                stack.extend((node.other, node.then, node.cond))
 
     def name(self, n: ast.Name, where: bool) -> None:
         if n.id in self.params or n.id in self.values or n.id in CONSTANTS:
