@@ -1,0 +1,89 @@
+"""The cost model: allowed pairs, FLOPs and bytes of a stage as sympy expressions in the sequence length N.
+
+Pair counts are upper bounds that are exact to first order in N for bands, index sets, blocks and random
+blocks (edge effects of order w^2 are dropped); `where` and `same` are bounded by N^2.
+
+>>> from patterndsl.ir.mask import sliding
+>>> pairs(sliding(4))
+9*N
+>>> complexity(pairs(sliding(4)))
+'O(N)'
+"""
+from __future__ import annotations
+
+import sympy
+
+from ..ir import mask as M
+from ..ir.program import Linear, Nested, Softmax, Stage
+
+N = sympy.Symbol("N", positive=True)
+
+
+def pairs(m: M.Mask) -> sympy.Expr:
+    """Allowed (i, j) pairs of an N x N mask, as an expression in N."""
+    if isinstance(m, M.Full):
+        return N ** 2
+    if isinstance(m, M.Empty):
+        return sympy.Integer(0)
+    if isinstance(m, M.Band):
+        if m.lo is not None and m.hi is not None:
+            return N * ((m.hi - m.lo) // m.step + 1)
+        if m.lo is None and m.hi is None:
+            return N ** 2 / m.step
+        return N ** 2 / (2 * m.step)
+    if isinstance(m, (M.Rows, M.Cols)):
+        return len(m.idx) * N
+    if isinstance(m, M.Blocks):
+        return m.size * N
+    if isinstance(m, M.Random):
+        return m.count * m.block * N
+    if isinstance(m, M.Union):  # a sum: an upper bound, exact when the parts are disjoint to first order
+        total = sympy.Add(*[pairs(p) for p in m.parts])
+        return N ** 2 if sympy.degree(total, N) > 2 or total.subs(N, 1 << 20) > (1 << 40) else total
+    if isinstance(m, M.Inter):  # bounded by its sparsest part
+        return min((pairs(p) for p in m.parts), key=lambda e: float(e.subs(N, 1 << 20)))
+    return N ** 2  # where, same, complements: bounded by the dense count
+
+
+def complexity(expr: sympy.Expr) -> str:
+    """'O(N)' or 'O(N^2)' (or 'O(1)') from the growth of `expr`."""
+    degree = sympy.degree(sympy.expand(expr), N)
+    return {0: "O(1)", 1: "O(N)"}.get(int(degree), f"O(N^{int(degree)})")
+
+
+def lengths(ir) -> dict[str, sympy.Expr]:
+    """Rows of every tensor of a program: `input` has N, a param its length, a stage its query's rows."""
+    rows = {"input": N, **{name: sympy.Integer(length) for name, length in ir.params}}
+    for st in ir.stages:
+        rows[st.name] = rows[st.query]
+    return rows
+
+
+def stage_costs(st: Stage, head_dim: int, elt_bytes: int, n_q: sympy.Expr = N, n_k: sympy.Expr = N) -> dict:
+    """FLOPs, bytes moved (each input read once, the output written once) and extra memory, per (B, H)."""
+    d = head_dim
+    if isinstance(st.normaliser, Softmax):
+        p = pairs(st.mask) if (n_q, n_k) == (N, N) else n_q * n_k * (0 if st.mask == M.EMPTY else 1)
+        flops = 4 * d * p
+        memory = n_q * d * elt_bytes + n_q * 4  # output + log-sum-exp per row; never an N x N score matrix
+    elif isinstance(st.normaliser, Linear):
+        m = getattr(st.normaliser.feature_map, "features", d)
+        p = N ** 2 / 2 if st.causal else N ** 2
+        flops = 2 * N * m * d * 2 + 4 * N * m * d  # features of q and k, then phi(K)^T V and phi(Q) (...)
+        memory = 2 * N * m * 4 + m * d * 4
+    else:
+        length = 16
+        p = N * length
+        flops = 8 * N * length * d
+        memory = 2 * N * length * 4
+    return {"pairs": sympy.simplify(p), "flops": sympy.simplify(flops), "bytes": (2 * n_q + 2 * n_k) * d * elt_bytes,
+            "memory": sympy.simplify(memory)}
+
+
+def crossover(flops: sympy.Expr, head_dim: int) -> float | None:
+    """The N above which `flops` is below dense attention's 4 d N^2, or None if it never is."""
+    dense = 4 * head_dim * N ** 2
+    for n in (2 ** k for k in range(4, 31)):
+        if float(flops.subs(N, n)) < float(dense.subs(N, n)):
+            return n
+    return None
