@@ -45,6 +45,8 @@ class AttentionOp:
         self._projections: dict = {}
         self._draws: dict[str, int] = {}
         self._choice: dict = {}
+        self._resolved: dict = {}
+        self._stage_backends(torch.device("cpu"))  # resolve imports now, not while torch.compile traces a call
 
     # ---------------------------------------------------------------------------------------------- inputs
     @property
@@ -130,12 +132,18 @@ class AttentionOp:
             self._choice[device] = select_backends(self.ir, self.backend, device)
         return self._choice[device]
 
+    def _stage_backends(self, device: torch.device) -> dict:
+        """Backend objects per stage on `device` (imported once; the call path does no imports)."""
+        if device not in self._resolved:
+            from .backends import get_backend
+            self._resolved[device] = {n: get_backend(b) for n, b in self.backends(device).items()}
+        return self._resolved[device]
+
     def __call__(self, q, k, v, key_padding_mask=None, **inputs):
-        from .backends import get_backend
         self._validate(q, k, v, key_padding_mask, inputs)
         runtime = {n: inputs[n] for st in self.ir.stages for n in M.runtime_inputs(st.mask)}
         values = {n: self._param(n, inputs[n], q) for n, _ in self.ir.params}
-        choice = self.backends(q.device)
+        backends = self._stage_backends(q.device)
         for st in self.ir.stages:
             qs = q if st.query == INPUT else values[st.query]
             ks, vs = (k, v) if st.keys == INPUT else (values[st.keys], values[st.keys])
@@ -143,8 +151,7 @@ class AttentionOp:
             if st.heads is not None:
                 a, b = st.heads
                 qs, ks, vs = qs[:, a:b], ks[:, a:b], vs[:, a:b]
-            be = get_backend(choice[st.name])
-            values[st.name] = self._run(be, st, qs, ks, vs, kpm, runtime, values, inputs)
+            values[st.name] = self._run(backends[st.name], st, qs, ks, vs, kpm, runtime, values, inputs)
         if self.ir.by_heads:
             return torch.cat([values[o] for o in self.ir.outputs], dim=1)
         outs = tuple(values[o] for o in self.ir.outputs)

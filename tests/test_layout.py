@@ -41,7 +41,7 @@ def test_layout_is_exact_where_it_says_full_or_empty(mf, n_q, n_k, bm, bn):
 @pytest.mark.parametrize("n,block", [(1000, (64, 64)), (4096, (128, 64))])
 def test_builtin_layouts_at_larger_sizes(name, n, block):
     params = {"window": 64} if name in ("longformer", "dilated_window") else {}
-    params.update({"size": 100} if name == "sliding_window" else {})
+    params.update({"window": 100} if name == "sliding_window" else {})
     params.update({"stride": 32} if name == "sparse_transformer" else {})
     params.update({"block": 16} if name == "bigbird" else {})
     params.update({"local_heads": 4} if name == "longformer_performer" else {})

@@ -21,7 +21,7 @@ def test_full_attention_is_quadratic():
 
 @pytest.mark.parametrize("name,params", [("longformer", dict(window=64, globals=set())),
                                          ("dilated_window", dict(window=32, dilation=3)),
-                                         ("sliding_window", dict(size=50))])
+                                         ("sliding_window", dict(window=50))])
 def test_pair_count_is_exact_to_first_order(name, params):
     op = pd.compile(name, **params)
     st = op.ir.stages[0]
