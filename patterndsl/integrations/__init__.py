@@ -1,0 +1,1 @@
+"""Bridges to other libraries' modules (transformers): load their weights into patterndsl layers."""

@@ -1,0 +1,80 @@
+"""Reference causal Luna: the cumulative-sum form equals the equations evaluated token by token."""
+import math
+
+import pytest
+import torch
+
+from patterndsl import PatternError
+from patterndsl.backends.reference.nested import nested_causal_attention
+
+F64 = torch.float64
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def _equations(q, k, v, p, c, kpm):
+    """DESIGN.md §3, one (batch, head, t) at a time; softplus with beta = ln 2 is log2(1 + 2^x)."""
+    B, H, N, D = q.shape
+    out = torch.zeros(B, H, N, v.shape[-1], dtype=q.dtype)
+    for b in range(B):
+        for h in range(H):
+            for t in range(N):
+                js = [j for j in range(t + 1) if not kpm[b, j]]
+                if not js:
+                    continue
+                x = c[b, h, js] @ p[b, h].T / math.sqrt(D)                 # [n_t, l]
+                a = torch.log2(1 + torch.exp2(x))
+                logits = sum((q[b, h, t] @ k[b, h, j]) / math.sqrt(D) * a[r] for r, j in enumerate(js)) / len(js)
+                attn = torch.softmax(logits, dim=0)
+                out[b, h, t] = sum((attn @ a[r]) * v[b, h, j] for r, j in enumerate(js)) / len(js)
+    return out
+
+
+def _inputs(B, H, N, D, L, seed):
+    return (_rand(B, H, N, D, seed=seed), _rand(B, H, N, D, seed=seed + 1), _rand(B, H, N, D + 1, seed=seed + 2),
+            _rand(B, H, L, D, seed=seed + 3), _rand(B, H, N, D, seed=seed + 4))
+
+
+def test_matches_equations_B2_H2_N12_D4_L3():
+    q, k, v, p, c = _inputs(2, 2, 12, 4, 3, seed=0)
+    kpm = torch.zeros(2, 12, dtype=torch.bool)
+    kpm[0, :2] = kpm[1, 5] = kpm[1, -3:] = True
+    got = nested_causal_attention(q, k, v, p, c, key_padding_mask=kpm)
+    assert (got - _equations(q, k, v, p, c, kpm)).abs().max() < 1e-12
+    no_pad = nested_causal_attention(q, k, v, p, c)
+    assert (no_pad - _equations(q, k, v, p, c, torch.zeros_like(kpm))).abs().max() < 1e-12
+
+
+def test_padding_equals_removing_the_keys():
+    q, k, v, p, c = _inputs(1, 2, 10, 4, 3, seed=5)
+    keep = torch.tensor([0, 1, 3, 4, 6, 7, 8, 9])
+    kpm = torch.ones(1, 10, dtype=torch.bool)
+    kpm[0, keep] = False
+    full = nested_causal_attention(q, k, v, p, c, key_padding_mask=kpm)
+    short = nested_causal_attention(*(t[:, :, keep] for t in (q, k, v)), p, c[:, :, keep])
+    assert (full[:, :, keep] - short).abs().max() < 1e-12
+    assert torch.equal(nested_causal_attention(q, k, v, p, c, torch.ones(1, 10, dtype=torch.bool)),
+                       torch.zeros(1, 2, 10, 5, dtype=F64))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)], ids=["fp32", "bf16"])
+def test_low_precision_B1_H2_N16_D8_L4(dtype, tol):
+    q, k, v, p, c = _inputs(1, 2, 16, 8, 4, seed=10)
+    gold = nested_causal_attention(q, k, v, p, c)
+    out = nested_causal_attention(*(t.to(dtype) for t in (q, k, v, p, c)))
+    assert out.dtype == dtype and (out.double() - gold).abs().max() < tol
+
+
+def test_gradcheck_B1_H2_N6_D3_L2():
+    args = tuple(t.requires_grad_() for t in _inputs(1, 2, 6, 3, 2, seed=15))
+    kpm = torch.zeros(1, 6, dtype=torch.bool)
+    kpm[0, 1] = True
+    assert torch.autograd.gradcheck(lambda *a: nested_causal_attention(*a, key_padding_mask=kpm), args)
+
+
+def test_queries_and_keys_must_have_one_length():
+    q, k, v, p, c = _inputs(1, 1, 6, 4, 2, seed=20)
+    with pytest.raises(PatternError, match="causal Luna needs as many queries as keys: q has 4, k has 6"):
+        nested_causal_attention(q[:, :, :4], k, v, p, c)
