@@ -1,0 +1,37 @@
+"""`patterndsl explain FILE -n N`: the plan as a readable report (stages, kernel per stage and why, density,
+tiles, FLOPs / bytes / memory as formulas in N and as numbers, the crossover N against dense attention)."""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import PatternError
+from . import options
+
+HELP = "print the plan: kernels, tiles, costs in N, crossover against dense"
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "explain", help=HELP, description=HELP + ".",
+        epilog="examples:\n  patterndsl explain longformer -n 16384 --set window=512\n"
+               "  patterndsl explain my.attn -n 4096 --head-dim 128 --device cuda --dtype bfloat16",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    options.add_file(p)
+    p.add_argument("-n", "--seq-len", type=options.positive, default=4096, metavar="N",
+                   help="sequence length to plan for (default: 4096)")
+    p.add_argument("--head-dim", type=options.positive, default=64, metavar="D", help="head dimension (default: 64)")
+    options.add_device(p)
+    p.set_defaults(run=run)
+    return p
+
+
+@options.guarded
+def run(args) -> int:
+    op = options.compile_op(args)
+    device = options.device(args, need=False)   # planning for a GPU needs no GPU
+    try:
+        plan = op.explain(seq_len=args.seq_len, head_dim=args.head_dim, device=device, dtype=options.dtype(args))
+    except ImportError as e:
+        raise PatternError(f"the planner is not available: {e}") from None
+    print(str(plan))
+    return 0

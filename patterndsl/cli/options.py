@@ -1,0 +1,151 @@
+"""Options shared by the user subcommands (explain, show, bench, emit, demo): FILE, `--set`, devices, errors.
+
+`--set name=value` reads the value as an `.attn` literal, never with `eval`:
+
+>>> parse_literal("256"), parse_literal("0.5"), parse_literal("true"), parse_literal("{0, 5}")
+(256, 0.5, True, frozenset({0, 5}))
+>>> parse_literal('"spans"'), parse_literal("spans")
+('spans', 'spans')
+>>> parse_sets(["window=8", "globals={0,1}"])
+{'window': 8, 'globals': frozenset({0, 1})}
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sys
+
+from ..errors import PatternError
+
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?")
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_LITERALS = "an int, a float, true/false, a \"string\" or a {set} of token indices"
+
+
+def parse_literal(text: str, name: str = "value"):
+    """An `.attn` literal: int, float, true/false, "string" (or a bare word), {set of ints}."""
+    t = text.strip()
+    if t in ("true", "false"):
+        return t == "true"
+    if _INT.fullmatch(t):
+        return int(t)
+    if _FLOAT.fullmatch(t):
+        return float(t)
+    if len(t) >= 2 and t[0] == t[-1] and t[0] in "\"'":
+        return t[1:-1]
+    if t.startswith("{") and t.endswith("}"):
+        items = [x.strip() for x in t[1:-1].split(",")]
+        if items == [""]:
+            return frozenset()
+        if not all(re.fullmatch(r"\d+", x) for x in items):
+            raise PatternError(f"cannot read {name}={text}: a set holds token indices >= 0, like {{0, 5, 9}}")
+        return frozenset(int(x) for x in items)
+    if t in ("True", "False"):
+        raise PatternError(f"cannot read {name}={text} as an .attn literal",
+                           hint="booleans are spelt true/false in .attn")
+    if _WORD.fullmatch(t):
+        return t
+    raise PatternError(f"cannot read {name}={text} as an .attn literal", hint=f"values are {_LITERALS}")
+
+
+def parse_sets(items: list[str] | None) -> dict:
+    """`["window=8", ...]` from repeated `--set` options as a dict of parameter values."""
+    out = {}
+    for item in items or ():
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        if not eq or not _WORD.fullmatch(name):
+            raise PatternError(f"--set expects NAME=VALUE, got '{item}'", hint="for example --set window=256")
+        out[name] = parse_literal(value, name)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- arguments
+def add_file(p) -> None:
+    p.add_argument("file", metavar="FILE", help="a .attn file or a built-in name (see `patterndsl demo`)")
+    p.add_argument("--pattern", metavar="NAME", help="which pattern, when FILE holds several")
+    p.add_argument("--set", dest="sets", action="append", metavar="NAME=VALUE", default=[],
+                   help="override a pattern parameter (an .attn literal: 256, 0.5, true, \"s\", {0,1}); repeatable")
+
+
+def add_device(p, backend: bool = True) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="tensor dtype (default: float32)")
+    if backend:
+        p.add_argument("--backend", default="auto", choices=["auto", "reference", "torch", "triton"],
+                       help="backend (default: auto: triton on cuda, torch on cpu)")
+
+
+def program(args):
+    """The Program named by FILE (a path or a built-in name) and `--pattern`."""
+    from ..api import load, resolve
+    if args.pattern and (os.path.exists(args.file) or args.file.endswith(".attn")):
+        return load(args.file, pattern=args.pattern)
+    return resolve(args.file)
+
+
+def compile_op(args, backend: str | None = None, **extra):
+    """The AttentionOp for FILE with `--set` parameters (and `extra` options)."""
+    from ..api import compile as compile_
+    params = parse_sets(args.sets)
+    return compile_(program(args), backend=backend or getattr(args, "backend", "auto"), **params, **extra)
+
+
+DTYPES = {"float32": "float32", "float64": "float64", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def dtype(args):
+    import torch
+    return getattr(torch, DTYPES[args.dtype])
+
+
+def device(args, need: bool = True):
+    """The torch device of `--device`; `need` checks it exists here (timing and running need it)."""
+    import torch
+    try:
+        dev = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise PatternError(f"unknown device '{args.device}'", hint="use cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise PatternError(f"unknown device '{args.device}'", hint="use cpu or cuda")
+    if need and dev.type == "cuda" and not torch.cuda.is_available():
+        raise PatternError("--device cuda, but this machine has no CUDA GPU", hint="use --device cpu")
+    return dev
+
+
+def positive(text: str) -> int:
+    """argparse type: an int >= 1."""
+    import argparse
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got '{text}'") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {v}")
+    return v
+
+
+def sizes(text: str) -> list[int]:
+    """argparse type: '1024,2048,4096' as a list of positive ints."""
+    return [positive(x) for x in text.split(",") if x.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def guarded(run):
+    """Wrap a subcommand's `run(args) -> int`: PatternErrors print their rendering and exit 1, Ctrl-C
+    exits 130, never a traceback."""
+    @functools.wraps(run)
+    def wrapper(args) -> int:
+        try:
+            return run(args)
+        except PatternError as e:
+            print(str(e), file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # `patterndsl emit x | head`
+            return 0
+    return wrapper
