@@ -20,6 +20,10 @@ OP_OPTIONS = ("projection",)
 NESTED_KEYS = "c"  # the runtime input of causal Luna: pack keys pc(x) [B, H, N, D]
 
 
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def _shape(t) -> str:
     return "[" + ", ".join(map(str, t.shape)) + "]" if isinstance(t, torch.Tensor) else type(t).__name__
 
@@ -46,7 +50,10 @@ class AttentionOp:
         self._draws: dict[str, int] = {}
         self._choice: dict = {}
         self._resolved: dict = {}
-        self._stage_backends(torch.device("cpu"))  # resolve imports now, not while torch.compile traces a call
+        try:  # resolve imports now, not while torch.compile traces a call; a device it cannot use errors there
+            self._stage_backends(_default_device())
+        except PatternError:
+            pass
 
     # ---------------------------------------------------------------------------------------------- inputs
     @property
@@ -134,6 +141,8 @@ class AttentionOp:
 
     def _stage_backends(self, device: torch.device) -> dict:
         """Backend objects per stage on `device` (imported once; the call path does no imports)."""
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if device not in self._resolved:
             from .backends import get_backend
             self._resolved[device] = {n: get_backend(b) for n, b in self.backends(device).items()}
