@@ -1,10 +1,10 @@
 """Train a small classifier on a synthetic long-range task with any `.attn` pattern (no downloads).
 
-The task ("far match"): a sequence of N random noise tokens holds two marker tokens, one in the first
-quarter and one in the last quarter, each drawn from a few marker symbols. The label says whether the two
-markers are the same symbol. The model reads its answer from token 0 only (a CLS token), so the pattern must
-carry information from both far ends to position 0: full attention, global tokens, or linear attention do;
-a narrow sliding window alone cannot within a few layers (its reach is layers x window). Chance is 50%.
+The task ("far majority"): a sequence of N random noise tokens holds MARKS marker tokens, each an A or a
+B, all in the second half of the sequence. The label is the majority marker. The model reads its answer
+from token 0 only (a CLS token), so the pattern must carry information from far away to position 0: full
+attention, global tokens or linear attention can; a sliding window alone cannot within a few layers (its
+reach is layers x window), and stays at chance (50%).
 
     python examples/train_long_range.py                                  # longformer, window 32, 2 CPU-minutes
     python examples/train_long_range.py sliding_window --set window=16   # no global token: stays near chance
@@ -25,25 +25,20 @@ from torch import nn
 import patterndsl as pd
 from patterndsl.cli.options import parse_sets
 
-NOISE, MARKERS = 16, 4          # token ids: 0 = CLS, 1..NOISE noise, then the markers
-VOCAB = 1 + NOISE + MARKERS
+NOISE, MARKS = 16, 5           # token ids: 0 = CLS, 1..NOISE noise, then the markers A and B
+VOCAB = 1 + NOISE + 2
 
 
-def far_match_batch(batch: int, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens `[batch, n]` (token 0 is CLS) and labels `[batch]` (1 = the two markers match)."""
+def far_majority_batch(batch: int, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens `[batch, n]` (token 0 is CLS, MARKS markers in the second half) and labels `[batch]` (1 = more
+    B markers than A markers)."""
     tokens = torch.randint(1, 1 + NOISE, (batch, n), generator=generator)
     tokens[:, 0] = 0
-    quarter = max(1, n // 4)
-    first = torch.randint(1, 1 + quarter, (batch,), generator=generator).clamp(max=n - 1)
-    last = torch.randint(n - quarter, n, (batch,), generator=generator).clamp(min=1)
-    a = torch.randint(0, MARKERS, (batch,), generator=generator)
-    labels = torch.randint(0, 2, (batch,), generator=generator)
-    other = (a + torch.randint(1, MARKERS, (batch,), generator=generator)) % MARKERS
-    b = torch.where(labels == 1, a, other)
-    rows = torch.arange(batch)
-    tokens[rows, first] = 1 + NOISE + a
-    tokens[rows, last] = 1 + NOISE + b
-    return tokens, labels
+    half = n // 2
+    where = torch.rand(batch, n - half, generator=generator).argsort(dim=1)[:, :MARKS] + half
+    kinds = torch.randint(0, 2, (batch, MARKS), generator=generator)
+    tokens.scatter_(1, where, 1 + NOISE + kinds)
+    return tokens, (kinds.sum(dim=1) > MARKS // 2).long()
 
 
 class Block(nn.Module):
@@ -100,17 +95,20 @@ def main(argv=None) -> int:
     ap.add_argument("pattern", nargs="?", default="longformer", help="a .attn file or built-in (default: longformer)")
     ap.add_argument("--set", dest="sets", action="append", default=None, metavar="NAME=VALUE",
                     help="pattern parameter (default for longformer: window=32)")
-    ap.add_argument("--steps", type=int, default=400, help="training steps (default: 400)")
+    ap.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
     ap.add_argument("--batch", type=int, default=32, help="sequences per step (default: 32)")
     ap.add_argument("--dim", type=int, default=64, help="model width (default: 64)")
     ap.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
     ap.add_argument("--layers", type=int, default=2, help="transformer blocks (default: 2)")
-    ap.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: 2e-3)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: 3e-3)")
     ap.add_argument("--test-size", type=int, default=512, help="held-out sequences (default: 512)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.seq_len < 2 * MARKS or args.steps < 1 or args.batch < 1:
+        print(f"error: need --seq-len >= {2 * MARKS}, --steps >= 1 and --batch >= 1", file=sys.stderr)
+        return 1
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda, but this machine has no CUDA GPU", file=sys.stderr)
         return 1
@@ -124,18 +122,18 @@ def main(argv=None) -> int:
         print(e, file=sys.stderr)
         return 1
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(1, args.steps), pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     data = torch.Generator().manual_seed(args.seed + 1)
-    test_x, test_y = far_match_batch(args.test_size, args.seq_len, torch.Generator().manual_seed(10_000 + args.seed))
+    test_x, test_y = far_majority_batch(args.test_size, args.seq_len, torch.Generator().manual_seed(10_000 + args.seed))
     test_x, test_y = test_x.to(args.device), test_y.to(args.device)
-    print(f"far-match task: N={args.seq_len}, pattern {program.name} {params or ''}, {args.layers} layers, "
+    print(f"far-majority task: N={args.seq_len}, pattern {program.name} {params or ''}, {args.layers} layers, "
           f"dim {args.dim}, {args.heads} heads, {sum(p.numel() for p in model.parameters())} parameters, "
           f"{args.device}")
     every = max(1, args.steps // 8)
     seen = right = 0
     loss_sum, elapsed = 0.0, 0.0
     for step in range(1, args.steps + 1):
-        x, y = far_match_batch(args.batch, args.seq_len, data)
+        x, y = far_majority_batch(args.batch, args.seq_len, data)
         x, y = x.to(args.device), y.to(args.device)
         t0 = time.perf_counter()
         logits = model(x)

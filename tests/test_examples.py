@@ -105,15 +105,14 @@ def test_training_script_with_examples(name, capsys):
     assert "test accuracy" in capsys.readouterr().out
 
 
-def test_far_match_labels():
+def test_far_majority_labels():
     mod = _train_module()
-    tokens, labels = mod.far_match_batch(64, 40, torch.Generator().manual_seed(0))
-    markers = tokens >= 1 + mod.NOISE
-    assert (markers.sum(1) == 2).all() and (tokens[:, 0] == 0).all()
-    pos = markers.nonzero()[:, 1].view(64, 2)
-    assert (pos[:, 0] <= 10).all() and (pos[:, 1] >= 30).all()
-    vals = tokens[markers].view(64, 2)
-    assert torch.equal((vals[:, 0] == vals[:, 1]).long(), labels)
+    tokens, labels = mod.far_majority_batch(64, 40, torch.Generator().manual_seed(0))
+    markers = tokens > mod.NOISE
+    assert (markers.sum(1) == mod.MARKS).all() and (tokens[:, 0] == 0).all()
+    assert not markers[:, :20].any()
+    b_count = (tokens == mod.NOISE + 2).sum(1)
+    assert torch.equal((b_count > mod.MARKS // 2).long(), labels)
     assert 0.25 < labels.float().mean() < 0.75
 
 
@@ -122,6 +121,8 @@ def test_training_script_errors(capsys):
     mod = _train_module()
     assert mod.main(["longformr", "--steps", "1"]) == 1
     assert "'longformr' is not a built-in program" in capsys.readouterr().err
+    assert mod.main(["--seq-len", "4"]) == 1
+    assert "need --seq-len >= 10, --steps >= 1 and --batch >= 1" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert mod.main(["--device", "cuda", "--steps", "1"]) == 1
         assert "--device cuda, but this machine has no CUDA GPU" in capsys.readouterr().err

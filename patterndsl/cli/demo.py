@@ -109,8 +109,8 @@ def run(args) -> int:
             ok = err <= _TOL[dtype]
             plan = plan_summary(op, n, D, device, dtype)
             pic = "" if args.no_pictures else "  -> " + _picture(op, args)
-            print(f"{'ok  ' if ok else 'FAIL'} {name:<22} {plan:<34} H={heads_for(op, args.heads):<2} "
-                  f"max err {err:.1e}  {mine:7.2f} ms vs {dense:7.2f} ms dense ({dense / mine:4.1f}x){pic}")
+            print(f"{'ok  ' if ok else 'FAIL'} {name:<22} H={heads_for(op, args.heads):<2} max err {err:.1e}  "
+                  f"{mine:8.2f} ms vs {dense:8.2f} ms dense ({dense / mine:5.2f}x)  {plan}{pic}")
             if not ok:
                 failures.append(name)
         except PatternError as e:

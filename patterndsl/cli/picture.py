@@ -16,6 +16,7 @@ local  out = attend softmax over sliding(1): density 44.4%, 4/4 tiles of 3x3 non
 """
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,7 @@ class Panel:
     mask: torch.Tensor
     tiles: torch.Tensor
     block: int
+    label: str = "mask"
 
     @property
     def density(self) -> float:
@@ -110,12 +112,13 @@ def short_mask(m: M.Mask) -> str:
     return M.to_source(m)
 
 
-def _title(stage, limit: int = 64) -> str:
+def _title(stage, limit: int = 100) -> str:
     src = "" if stage.query == "input" and stage.keys == "input" else f" query {stage.query} keys {stage.keys}"
     heads = f"heads[{stage.heads[0]}:{stage.heads[1]}] " if stage.heads else ""
+    name = "" if stage.name.startswith("_") else f"{stage.name} = "   # anonymous stages are `_<k>`
     text = short_mask(stage.mask)
     text = text if len(text) <= limit else text[:limit - 3] + "..."
-    return f"{heads}{stage.name} = attend {_norm(stage)}{src} over {text}"
+    return f"{heads}{name}attend {_norm(stage)}{src} over {text}"
 
 
 def panels(op, n: int, block: int = 64) -> list[Panel]:
@@ -133,7 +136,9 @@ def panels(op, n: int, block: int = 64) -> list[Panel]:
         n_q, n_k = lengths[st.name]
         m = op.mask(n_q, n_k, stage=st.name, runtime=runtime)
         m = m[0] if m.dim() == 3 else m
-        out.append(Panel(op.name, _title(st), m, tile_classes(m, block), block))
+        label = " ".join(x for x in (f"heads[{st.heads[0]}:{st.heads[1]}]" if st.heads else "",
+                                     "" if st.name.startswith("_") else st.name) if x) or "mask"
+        out.append(Panel(op.name, _title(st), m, tile_classes(m, block), block, label))
     return out
 
 
@@ -182,18 +187,20 @@ def draw(pics: list[Panel], path, title: str | None = None, pixels: int = 256, d
     import numpy as np
     ncol = min(4, len(pics))
     nrow = -(-len(pics) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 4.4 * nrow + 0.4), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(max(5.0, 4.2 * ncol), 4.6 * nrow + 0.4), squeeze=False)
     for ax in axes.flat[len(pics):]:
         ax.axis("off")
     for ax, p in zip(axes.flat, pics):
         n_q, n_k = p.mask.shape
         img = _pooled(p.mask, pixels).numpy() ** 0.5        # sqrt: thin bands stay visible when pooled
-        ax.imshow(img, cmap="Greys", vmin=0, vmax=1, extent=(0, n_k, n_q, 0), interpolation="nearest")
+        aspect = "equal" if max(n_q, n_k) <= 3 * min(n_q, n_k) else "auto"   # Luna's pack stage: l x N
+        ax.imshow(img, cmap="Greys", vmin=0, vmax=1, extent=(0, n_k, n_q, 0), interpolation="nearest",
+                  aspect=aspect)
         tq, tk = p.tiles.shape
         tint = np.zeros((tq, tk, 4))
         tint[p.tiles.numpy() == 1] = (1.0, 0.55, 0.0, 0.18)   # partial tiles: orange
         tint[p.tiles.numpy() == 2] = (0.0, 0.45, 0.9, 0.18)   # full tiles: blue
-        ax.imshow(tint, extent=(0, tk * p.block, tq * p.block, 0), interpolation="nearest")
+        ax.imshow(tint, extent=(0, tk * p.block, tq * p.block, 0), interpolation="nearest", aspect=aspect)
         if max(tq, tk) <= 64:
             for x in range(0, tk * p.block + 1, p.block):
                 ax.axvline(x, color="0.6", lw=0.4)
@@ -201,7 +208,7 @@ def draw(pics: list[Panel], path, title: str | None = None, pixels: int = 256, d
                 ax.axhline(y, color="0.6", lw=0.4)
         ax.set_xlim(0, n_k)
         ax.set_ylim(n_q, 0)
-        ax.set_title(f"{p.title}\n{p.caption()}", fontsize=8)
+        ax.set_title("\n".join(textwrap.wrap(p.title, 52) + [p.caption()]), fontsize=8)
         ax.set_xlabel("key j", fontsize=8)
         ax.set_ylabel("query i", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -38,5 +38,5 @@ def run(args) -> int:
     path = args.output or f"{op.name}.png"
     draw(pics, path, title=f"{op.name}  (N = {args.seq_len})")
     print(f"wrote {path}: {len(pics)} panel{'s' if len(pics) > 1 else ''}, "
-          + "; ".join(f"{p.title.split(' = ')[0]} {100 * p.density:.1f}% dense" for p in pics))
+          + "; ".join(f"{p.label} {100 * p.density:.1f}% dense" for p in pics))
     return 0
