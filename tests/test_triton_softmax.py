@@ -239,7 +239,8 @@ def test_custom_op_registration():
                   for x in _inputs(1, 2, 40, 40, 16, seed=14))
     kpm = torch.zeros(1, 40, dtype=torch.bool, device=DEV)
     kpm[0, -3:] = True
-    key = S._register(M.sliding(3) | M.global_({0}), 16, 16, 2, 4)
+    from patterndsl.backends.custom import register
+    key = register("triton_softmax", M.sliding(3) | M.global_({0}), 16, 16, 2, 4)
     torch.library.opcheck(S._softmax_op, (q, k, v, kpm, [], key, 0.25))
     q, k, v = (x.detach() for x in (q, k, v))
     out, lse = S._softmax_op(q, k, v, kpm, [], key, 0.25)

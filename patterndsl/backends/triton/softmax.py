@@ -15,7 +15,6 @@ torch.Size([1, 2, 40, 16])
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Optional
 
 import torch
@@ -23,14 +22,14 @@ from torch import Tensor
 
 from ...errors import PatternError
 from ...ir import mask as M
+from ..custom import flatten_ids, register, spec, unflatten_ids
 from .codegen import mask_module
 from .softmax_bwd import softmax_bwd
 from .softmax_fwd import softmax_fwd
-from .tiles import build_aux, make_plan, runtime_ids
+from .tiles import build_aux, make_plan
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
-_SPECS: dict[str, tuple] = {}  # registry key -> (mask, block_m, block_n, split)
 
 
 def default_blocks(head_dim: int, device: torch.device) -> tuple[int, int, int]:
@@ -40,22 +39,9 @@ def default_blocks(head_dim: int, device: torch.device) -> tuple[int, int, int]:
     return (64, 64, 4) if head_dim <= 64 else (64, 32, 8)
 
 
-@torch.compiler.assume_constant_result
-def _register(mask: M.Mask, block_m: int, block_n: int, split: int | None, num_warps: int) -> str:
-    spec = (mask, block_m, block_n, split, num_warps)
-    key = hashlib.sha1(repr(spec).encode()).hexdigest()[:24]
-    _SPECS.setdefault(key, spec)
-    return key
-
-
-def _runtime(mask: M.Mask, ids: list[Tensor]) -> dict:
-    names = M.runtime_inputs(mask)
-    return {n: (ids[2 * a], ids[2 * a + 1]) for a, n in enumerate(names)}
-
-
 def _prepare(q, k, key, ids):
-    mask, bm, bn, split, warps = _SPECS[key]
-    runtime = _runtime(mask, ids)
+    _, mask, bm, bn, split, warps = spec(key)
+    runtime = unflatten_ids(mask, ids)
     plan = make_plan(mask, q.shape[2], k.shape[2], bm, bn, split, runtime, q.device)
     aux = build_aux(mask, q.shape[2], k.shape[2], q.shape[0], runtime, q.device)
     return plan, mask_module(mask), aux, warps
@@ -149,10 +135,8 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: M.Mask, scale: floa
     if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 1):
         raise PatternError(f"split (most tiles per program) must be an int >= 1, got {split!r}")
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
-    ids: list[Tensor] = []
-    for name in M.runtime_inputs(mask):
-        ids += runtime_ids(name, runtime, q.shape[0], q.shape[2], k.shape[2])
-    key = _register(mask, bm, bn, split, warps)
+    ids = flatten_ids(mask, runtime, q.shape[0], q.shape[2], k.shape[2])
+    key = register("triton_softmax", mask, bm, bn, split, warps)
     wide = q.dtype == torch.float64             # the kernels accumulate in float32: run float64 there
     if wide:
         q, k, v = q.float(), k.float(), v.float()

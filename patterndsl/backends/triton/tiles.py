@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ...errors import PatternError
 from ...ir import mask as M
 from ...plan.layout import block_layout, tile_lists
+from ..custom import runtime_ids
 from .codegen import data_leaves, header_slots, is_band
 
 
@@ -156,20 +156,6 @@ def make_plan(mask: M.Mask, n_q: int, n_k: int, block_m: int, block_n: int, spli
 
 
 # ---------------------------------------------------------------------------------------------- aux
-def runtime_ids(name: str, runtime: dict | None, batch: int, n_q: int, n_k: int):
-    """The (query ids `[B, N_q]`, key ids `[B, N_k]`) of `same(name)`, checked."""
-    ids = runtime.get(name) if runtime else None
-    if ids is None:
-        raise PatternError(f"the mask reads runtime ids '{name}', but none were given",
-                           hint=f"pass {name}=<LongTensor [B, N]> when calling the op")
-    q_ids, k_ids = ids if isinstance(ids, (tuple, list)) else (ids, ids)
-    for what, t, n in (("query", q_ids, n_q), ("key", k_ids, n_k)):
-        if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dim() != 2 or tuple(t.shape) != (batch, n):
-            got = f"{t.dtype} [{', '.join(map(str, t.shape))}]" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise PatternError(f"{name} ({what} ids) must be an integer tensor [{batch}, {n}], got {got}")
-    return q_ids, k_ids
-
-
 def build_aux(mask: M.Mask, n_q: int, n_k: int, batch: int, runtime: dict | None, device) -> torch.Tensor:
     """The int32 AUX buffer the generated `mask_tile` reads (layout in `codegen.data_leaves`)."""
     leaves = data_leaves(mask)

@@ -1,0 +1,62 @@
+"""What the backends' `torch.library` custom ops share: a mask travels as a string key, runtime ids as tensors.
+
+Custom ops take tensors and plain values, not IR objects, so a backend registers its static spec (the mask
+and its tile choices) under a key derived from the spec's text and passes the key; the runtime ids of
+`same(...)` masks travel as a flat tensor list, two tensors (query ids, key ids) per name.
+
+>>> from patterndsl.ir.mask import sliding
+>>> key = register("demo", sliding(2), 64)
+>>> spec(key)
+('demo', Band(lo=-2, hi=2, step=1), 64)
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from ..errors import PatternError
+from ..ir import mask as M
+
+_SPECS: dict[str, tuple] = {}
+
+
+@torch.compiler.assume_constant_result
+def register(*spec) -> str:
+    """The key of `spec` (hashable, printable values; the first names the op), registered for `spec(key)`.
+    Variadic so that torch.compile sees plain arguments it can fold, not a tuple built while tracing."""
+    key = hashlib.sha1(repr(spec).encode()).hexdigest()[:24]
+    _SPECS.setdefault(key, spec)
+    return key
+
+
+def spec(key: str) -> tuple:
+    """The spec registered under `key`."""
+    return _SPECS[key]
+
+
+def runtime_ids(name: str, runtime: dict | None, batch: int, n_q: int, n_k: int):
+    """The (query ids `[B, N_q]`, key ids `[B, N_k]`) of `same(name)`, checked."""
+    ids = runtime.get(name) if runtime else None
+    if ids is None:
+        raise PatternError(f"the mask reads runtime ids '{name}', but none were given",
+                           hint=f"pass {name}=<LongTensor [B, N]> when calling the op")
+    q_ids, k_ids = ids if isinstance(ids, (tuple, list)) else (ids, ids)
+    for what, t, n in (("query", q_ids, n_q), ("key", k_ids, n_k)):
+        if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dim() != 2 or tuple(t.shape) != (batch, n):
+            got = f"{t.dtype} [{', '.join(map(str, t.shape))}]" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise PatternError(f"{name} ({what} ids) must be an integer tensor [{batch}, {n}], got {got}")
+    return q_ids, k_ids
+
+
+def flatten_ids(mask: M.Mask, runtime: dict | None, batch: int, n_q: int, n_k: int) -> list[torch.Tensor]:
+    """The checked runtime ids of every `same(...)` in `mask`, as the flat list a custom op takes."""
+    ids: list[torch.Tensor] = []
+    for name in M.runtime_inputs(mask):
+        ids += runtime_ids(name, runtime, batch, n_q, n_k)
+    return ids
+
+
+def unflatten_ids(mask: M.Mask, ids: list[torch.Tensor]) -> dict:
+    """The runtime dict (name -> (query ids, key ids)) back from `flatten_ids`' list."""
+    return {n: (ids[2 * a], ids[2 * a + 1]) for a, n in enumerate(M.runtime_inputs(mask))}
