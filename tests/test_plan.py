@@ -52,5 +52,15 @@ def test_plan_cache_is_keyed_on_the_pattern():
 def test_plan_report_reads_well():
     text = str(pd.compile("longformer", window=128).explain(4096, head_dim=32, dtype=torch.bfloat16))
     assert "plan for longformer at N = 4096, head_dim = 32, bfloat16 on cpu" in text
-    assert "tiles 64x64:" in text and "partial (element mask)" in text
+    from patterndsl.backends.torch.softmax import BLOCK
+    assert f"tiles {BLOCK[0]}x{BLOCK[1]}:" in text and "partial (element mask)" in text   # the backend's tiles
+    assert "kernel  block-sparse (gathered nonempty tiles" in text
     assert "pairs   = 131*N" in text and "class   O(N)" in text
+
+
+@pytest.mark.parametrize("name,kernel", [("luna", "dense over the short side (16 rows)"),
+                                         ("performer", "FAVOR+ with in-place features and a hand-written backward"),
+                                         ("luna_causal", "causal Luna by cumulative sums")])
+def test_plan_names_the_kernel_per_stage(name, kernel):
+    plan = pd.compile(name, backend="torch").explain(4096)
+    assert {s.kernel for s in plan.stages if s.kind != "softmax" or name == "luna"} == {kernel}

@@ -25,6 +25,7 @@ class StagePlan:
     kind: str
     backend: str
     why: str
+    kernel: str
     block: tuple[int, int] | None
     tiles: tuple[int, int, int] | None  # nonzero, partial, total
     pairs: sympy.Expr
@@ -53,6 +54,7 @@ class Plan:
                f"schedule: {' -> '.join(self.schedule)}"]
         for s in self.stages:
             out.append(f"stage {s.name}: {s.kind} on backend '{s.backend}' ({s.why})")
+            out.append(f"  kernel  {s.kernel}")
             if s.tiles is not None:
                 nz, part, total = s.tiles
                 out.append(f"  tiles {s.block[0]}x{s.block[1]}: {nz} of {total} nonzero ({nz / total:.1%}), "
@@ -77,6 +79,7 @@ def make_plan(op, seq_len: int, head_dim: int = 64, device=torch.device("cpu"), 
 
 @functools.lru_cache(maxsize=512)
 def _plan(ir: ProgramIR, seq_len, head_dim, device, dtype, requested, choice) -> Plan:
+    from ..backends import get_backend
     chosen = dict(choice)
     elt = torch.finfo(getattr(torch, dtype)).bits // 8
     order = tuple(n for n in nx.topological_sort(ir.graph()) if n in chosen)
@@ -87,11 +90,14 @@ def _plan(ir: ProgramIR, seq_len, head_dim, device, dtype, requested, choice) ->
         kind = "softmax" if isinstance(st.normaliser, Softmax) else \
             "linear" if isinstance(st.normaliser, Linear) else "nested"
         why = "requested" if requested != "auto" else "first backend in the auto order that supports it"
+        be = get_backend(chosen[st.name])
+        n_q, n_k = (int(rows[x].subs(N, seq_len)) for x in (st.query, st.keys))
+        kernel = be.kernel(st, n_q, n_k) if hasattr(be, "kernel") else chosen[st.name]
         block, tiles = None, None
         if kind == "softmax" and st.query == "input" and st.keys == "input" and seq_len <= _MAX_TABULATED:
-            block = (64, 64)
+            block = tuple(be.block(head_dim, torch.device(device))) if hasattr(be, "block") else (64, 64)
             layout = block_layout(st.mask, seq_len, seq_len, *block)
             tiles = (int((layout != EMPTY).sum()), int((layout == 1).sum()), layout.numel())
-        stages.append(StagePlan(st.name, kind, chosen[st.name], why, block, tiles, c["pairs"], c["flops"],
+        stages.append(StagePlan(st.name, kind, chosen[st.name], why, kernel, block, tiles, c["pairs"], c["flops"],
                                 c["memory"], complexity(c["flops"]), crossover(c["flops"], head_dim)))
     return Plan(ir.name, seq_len, head_dim, device, dtype, order, tuple(stages))

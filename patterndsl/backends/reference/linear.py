@@ -8,7 +8,7 @@ For relu and elu1, `phi_t(k_j) = phi(k_j)`. For FAVOR+ the key stabiliser of the
 over *all* keys) would leak the future, so key features are stabilised by the running max
 `r_t = max_{j <= t, f} u_jf` of the keys seen so far: `phi_t(k_j) = m^-1/2 (exp(a_j - r_t) + eps)`
 (`u`, `a` as in `features.py`). The last row (t = N-1) therefore equals the bidirectional output, and
-changing a key j > t cannot change row t. Evaluation is by prefix sums over chunks of `CHUNK` keys: the
+changing a key j > t cannot change row t. Evaluation is by prefix sums over chunks of `chunk` keys: the
 state `S = sum_j exp(a_j - r_ref) v_j^T` is kept at the stabiliser `r_ref` of the previous chunk's last
 position and rescaled by `exp(r_ref - r_t) <= 1`; inside a chunk `exp(a_j - r_t)` is formed as
 `exp(a_j - r_j) exp(r_j - r_t)`, both factors <= 1, so nothing overflows and nothing reads the future.
@@ -28,10 +28,11 @@ _LOW = (torch.float16, torch.bfloat16)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map, projection: torch.Tensor | None,
-                     causal: bool = False, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                     causal: bool = False, key_padding_mask: torch.Tensor | None = None,
+                     chunk: int = CHUNK) -> torch.Tensor:
     """Linear attention. q `[B, H, N_q, D]`, k `[B, H, N_k, D]`, v `[B, H, N_k, D_v]`, projection `[m, D]`
     (None for elu1), `key_padding_mask` bool `[B, N_k]` (True = ignored key). Returns `[B, H, N_q, D_v]` in
-    q's dtype. Causal: query t sees keys j <= t.
+    q's dtype. Causal: query t sees keys j <= t, by prefix sums over chunks of `chunk` keys.
     """
     dtype = q.dtype
     work = torch.float32 if dtype in _LOW else dtype
@@ -42,7 +43,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_
              else ~key_padding_mask.to(k.device))
     if causal:
         k, v, valid = _align_keys(q.shape[2], k, v, valid)
-        out = _causal(q, k, v, valid, feature_map, w)
+        out = _causal(q, k, v, valid, feature_map, w, chunk)
     else:
         out = _bidirectional(q, k, v, valid, feature_map, w)
     return out.to(dtype)
@@ -96,8 +97,8 @@ def _causal_terms(q, k, valid, fm, w):
     return favor_features(q, w, True, fm.eps), kf, r, m ** -0.5 * fm.eps
 
 
-def _causal(q, k, v, valid, fm, w) -> torch.Tensor:
-    """Prefix sums over chunks. Before chunk [s, s + CHUNK) the state holds the keys j < s:
+def _causal(q, k, v, valid, fm, w, chunk: int) -> torch.Tensor:
+    """Prefix sums over chunks. Before chunk [s, s + chunk) the state holds the keys j < s:
     S = sum kf_j exp(r_j - r_ref) v_j^T, z = sum kf_j exp(r_j - r_ref) (the decaying part, at r_ref, the
     stabiliser of position s - 1), sv = sum w_j v_j and cnt = sum w_j (the eps part, which does not decay)."""
     qf, kf, r, e = _causal_terms(q, k, valid, fm, w)
@@ -110,8 +111,8 @@ def _causal(q, k, v, valid, fm, w) -> torch.Tensor:
     cnt = v.new_zeros(B, 1)
     r_ref = r[..., :1]
     outs = []
-    for s in range(0, N, CHUNK):
-        t = slice(s, min(s + CHUNK, N))
+    for s in range(0, N, chunk):
+        t = slice(s, min(s + chunk, N))
         qc, kc, vc, rc, wc = qf[:, :, t], kf[:, :, t], v[:, :, t], r[:, :, t], wv[:, :, t]
         n = qc.shape[2]
         tri = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()

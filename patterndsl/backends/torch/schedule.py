@@ -27,7 +27,7 @@ from ...plan.layout import PARTIAL, tile_layout
 from ...plan.points import mask_at
 from ...plan.tiles import Grid
 
-BUDGET = 1 << 21   # scores per chunk (all batch rows and heads together)
+BUDGET = 1 << 20   # scores per chunk (all batch rows and heads together): 4 MB of fp32, cache-sized
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from ..custom import flatten_ids, register, spec, unflatten_ids
 from .blocksparse import blocksparse_bwd, blocksparse_fwd
 from .schedule import Schedule, make_schedule
 
-BLOCK = (64, 64)   # measured on 2 CPU cores: 64 x 64 tiles are the fastest of 64..256 (BENCHMARKS.md)
+BLOCK = (128, 64)  # Longformer at N = 16k on 2 CPU cores: the fastest of 64..128 x 32..64 (BENCHMARKS.md)
 _LOW = (torch.float16, torch.bfloat16)
 
 

@@ -35,6 +35,11 @@ class TritonBackend:
             return f"no Triton kernel for the feature map {type(norm.feature_map).__name__}"
         return None
 
+    def block(self, head_dim: int, device) -> tuple[int, int]:
+        """(BLOCK_M, BLOCK_N) of the softmax kernels for this head dim on this device."""
+        from .softmax import default_blocks
+        return default_blocks(head_dim, torch.device(device))[:2]
+
     def softmax(self, stage, q, k, v, *, scale, key_padding_mask=None, runtime=None):
         from .softmax import softmax_attention
         return softmax_attention(q, k, v, stage.mask, scale=scale, key_padding_mask=key_padding_mask,
