@@ -2,7 +2,10 @@
 
 Custom ops take tensors and plain values, not IR objects, so a backend registers its static spec (the mask
 and its tile choices) under a key derived from the spec's text and passes the key; the runtime ids of
-`same(...)` masks travel as a flat tensor list, two tensors (query ids, key ids) per name.
+`same(...)` masks travel as a flat tensor list, two tensors (query ids, key ids) per name. Softmax ops of
+every backend share one signature, `fwd(q, k, v, key_padding_mask, ids, key, scale) -> (out, lse)` and
+`bwd(dout, dlse, q, k, v, out, lse, key_padding_mask, ids, key, scale) -> (dq, dk, dv)`, and so one
+autograd registration.
 
 >>> from patterndsl.ir.mask import sliding
 >>> key = register("demo", sliding(2), 64)
@@ -60,3 +63,19 @@ def flatten_ids(mask: M.Mask, runtime: dict | None, batch: int, n_q: int, n_k: i
 def unflatten_ids(mask: M.Mask, ids: list[torch.Tensor]) -> dict:
     """The runtime dict (name -> (query ids, key ids)) back from `flatten_ids`' list."""
     return {n: (ids[2 * a], ids[2 * a + 1]) for a, n in enumerate(M.runtime_inputs(mask))}
+
+
+def register_softmax_autograd(fwd_op, bwd_op) -> None:
+    """Make `fwd_op` differentiable in q, k, v through `bwd_op` (the shared softmax signature above)."""
+    def setup_context(ctx, inputs, output):
+        q, k, v, key_padding_mask, ids, key, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, *ids)
+        ctx.key, ctx.scale = key, scale
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, key_padding_mask, *ids = ctx.saved_tensors
+        dq, dk, dv = bwd_op(dout, dlse, q, k, v, out, lse, key_padding_mask, list(ids), ctx.key, ctx.scale)
+        return dq, dk, dv, None, [None] * len(ids), None, None
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)

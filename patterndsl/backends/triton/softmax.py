@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ...errors import PatternError
 from ...ir import mask as M
-from ..custom import flatten_ids, register, spec, unflatten_ids
+from ..custom import flatten_ids, register, register_softmax_autograd, spec, unflatten_ids
 from .codegen import mask_module
 from .softmax_bwd import softmax_bwd
 from .softmax_fwd import softmax_fwd
@@ -76,20 +76,7 @@ def _(dout, dlse, q, k, v, out, lse, key_padding_mask, ids, key, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)   # contiguous, like the kernels'
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, ids, key, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, *ids)
-    ctx.key, ctx.scale = key, scale
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, key_padding_mask, *ids = ctx.saved_tensors
-    dq, dk, dv = _softmax_bwd_op(dout, dlse, q, k, v, out, lse, key_padding_mask, list(ids), ctx.key, ctx.scale)
-    return dq, dk, dv, None, [None] * len(ids), None, None
-
-
-_softmax_op.register_autograd(_backward, setup_context=_setup_context)
+register_softmax_autograd(_softmax_op, _softmax_bwd_op)
 
 
 # ------------------------------------------------------------------------------------------------ public
