@@ -43,10 +43,8 @@ class Program:
             raise e.with_source(self.source) from None
 
     def signature(self) -> str:
-        from .grammar.printer import print_expr
-        parts = [f"{p.name}: {p.type}" + (f" = {print_expr(p.default)}" if p.default is not None else "")
-                 for p in self.pattern.params]
-        return f"pattern {self.name}({', '.join(parts)})"
+        from .grammar.printer import print_param
+        return f"pattern {self.name}({', '.join(print_param(p) for p in self.pattern.params)})"
 
     def to_source(self) -> str:
         """Canonical `.attn` text of this pattern."""

@@ -4,7 +4,7 @@ import torch
 
 import patterndsl as pd
 from patterndsl.ir import mask as M
-from patterndsl.ir.program import Favor, Linear, Nested, Softmax
+from patterndsl.ir.program import Favor, Linear, Nested, ReluFeatures, Softmax
 
 
 def lower(text, **params):
@@ -67,6 +67,31 @@ def test_performer_kernel_choice():
     st = ir.stages[0]
     assert isinstance(st.normaliser, Linear) and isinstance(st.normaliser.feature_map, Favor)
     assert st.causal and st.normaliser.feature_map.features == 16
+
+
+@pytest.mark.parametrize("program,params,message,hint", [
+    ("performer", dict(kernel="rel"), 'parameter \'kernel\' must be one of "favor", "relu", got "rel"',
+     "did you mean 'relu'?"),
+    ("sparse_transformer", dict(variant="fxed"), 'parameter \'variant\' must be one of "strided", "fixed", got "fxed"',
+     "did you mean 'fixed'?"),
+    ("performer", dict(scaling=2), "parameter 'scaling' must be one of 0, 1, got 2", None),
+    ("pattern p(n: int in {1, 2} = 3) { attend softmax over sliding(n) }", {},
+     "parameter 'n' must be one of 1, 2, got 3", None),
+    ("pattern p(s: str in {\"a\", 1} = \"a\") { attend softmax }", {},
+     "a choice of parameter 's' must be a str, got int", None),
+])
+def test_parameter_choices(program, params, message, hint):
+    """A misspelt option is an error naming the parameter, never a silent fall into the else branch."""
+    with pytest.raises(pd.PatternError) as info:
+        pd.compile(program, **params)
+    assert message in info.value.message
+    assert info.value.hint == hint and info.value.line is not None
+
+
+def test_parameter_choices_accept_each_choice():
+    assert isinstance(pd.compile("performer", kernel="relu").ir.stages[0].normaliser.feature_map, ReluFeatures)
+    fixed = pd.compile("sparse_transformer", variant="fixed", stride=4, summary=1)
+    assert fixed.ir.stages[0].mask != pd.compile("sparse_transformer", stride=4).ir.stages[0].mask
 
 
 def test_nested_stage():

@@ -160,11 +160,12 @@ Stmt = Union[Attend, Let, TensorParam, Return]
 # --------------------------------------------------------------------------------------------- declarations
 @dataclass(frozen=True)
 class Param:
-    """`name: type [= default]`; type is one of int, float, bool, set, str."""
+    """`name: type [in {choices}] [= default]`; type is one of int, float, bool, set, str."""
     name: str
     type: str
     default: Expr | None = None
     span: Span = _span()
+    choices: tuple[Expr, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -50,12 +50,15 @@ class _Build(Transformer):
         return ast.Pattern(str(name), params, body, _span(name))
 
     def param(self, meta, items):
-        name, typ, default = items
+        name, typ, choices, default = items
         if str(typ) not in ast.PARAM_TYPES:
             raise PatternError(f"unknown type '{typ}' for parameter '{name}'", _span(typ),
                                hint=did_you_mean(str(typ), ast.PARAM_TYPES) or
                                f"types are {', '.join(ast.PARAM_TYPES)}")
-        return ast.Param(str(name), str(typ), default, _span(name))
+        return ast.Param(str(name), str(typ), default, _span(name), choices)
+
+    def choices(self, meta, items):
+        return tuple(items)
 
     def empty(self, meta, items):
         return None

@@ -95,9 +95,14 @@ def print_stmt(s: ast.Stmt) -> str:
     raise TypeError(f"not a statement: {s!r}")
 
 
+def print_param(x: ast.Param) -> str:
+    """`name: type [in {choices}] [= default]`."""
+    choices = f" in {{{', '.join(print_expr(c) for c in x.choices)}}}" if x.choices else ""
+    return f"{x.name}: {x.type}{choices}" + (f" = {print_expr(x.default)}" if x.default is not None else "")
+
+
 def print_pattern(p: ast.Pattern) -> str:
-    params = ", ".join(f"{x.name}: {x.type}" + (f" = {print_expr(x.default)}" if x.default is not None else "")
-                       for x in p.params)
+    params = ", ".join(print_param(x) for x in p.params)
     body = "".join(f"    {print_stmt(s)}\n" for s in p.body)
     return f"pattern {p.name}({params}) {{\n{body}}}\n"
 

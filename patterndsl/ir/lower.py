@@ -73,8 +73,25 @@ def bind_params(pattern: ast.Pattern, overrides: dict) -> dict:
         else:
             raise PatternError(f"parameter '{p.name}' of pattern {pattern.name} has no default and was not given",
                                p.span, hint=f"pass {p.name}=... to pd.compile")
+        if p.choices:
+            _check_choice(p, v, values)
         values[p.name] = v
     return values
+
+
+def _check_choice(p: ast.Param, value, earlier: dict) -> None:
+    """A parameter declared `name: type in {a, b}` takes one of those values."""
+    allowed = [expect(evaluate(c, Env(dict(earlier))), p.type, c.span, f"a choice of parameter '{p.name}'")
+               for c in p.choices]
+    if value not in allowed:
+        shown = ", ".join(_show(a) for a in allowed)
+        raise PatternError(f"parameter '{p.name}' must be one of {shown}, got {_show(value)}", p.span,
+                           hint=did_you_mean(value, [a for a in allowed if isinstance(a, str)])
+                           if isinstance(value, str) else None)
+
+
+def _show(v) -> str:
+    return f'"{v}"' if isinstance(v, str) else repr(v)
 
 
 # ---------------------------------------------------------------------------------------------------- body
