@@ -105,18 +105,27 @@ def parse(text: str, name: str = "<string>", pattern: str | None = None) -> Prog
     return _one(parse_all(text, name), pattern, name)
 
 
-def load(path: str | os.PathLike, pattern: str | None = None) -> Program:
-    """Parse and check a `.attn` file."""
-    path = Path(path)
+def _read(path: Path) -> str:
     try:
         data = path.read_bytes()
     except OSError as e:
         raise PatternError(f"cannot read {path}: {e.strerror or e}") from None
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise PatternError(f"{path} is not UTF-8 text (bad byte at offset {e.start})") from None
-    return parse(text, str(path), pattern)
+
+
+def load(path: str | os.PathLike, pattern: str | None = None) -> Program:
+    """Parse and check a `.attn` file holding one pattern (or pick one with `pattern=`)."""
+    path = Path(path)
+    return parse(_read(path), str(path), pattern)
+
+
+def load_all(path: str | os.PathLike) -> tuple[Program, ...]:
+    """Every pattern of a `.attn` file, checked."""
+    path = Path(path)
+    return parse_all(_read(path), str(path))
 
 
 def builtins() -> list[str]:

@@ -17,7 +17,8 @@ from .ir.dense import dense_mask
 from .ir.program import INPUT, Linear, Nested, ProgramIR, Softmax, Stage
 
 OP_OPTIONS = ("projection",)
-NESTED_KEYS = "c"  # the runtime input of causal Luna: pack keys pc(x) [B, H, N, D]
+NESTED_KEYS = "c"
+MAX_DENSE_PAIRS = 1 << 32  # op.mask: 4 GiB of bool  # the runtime input of causal Luna: pack keys pc(x) [B, H, N, D]
 
 
 def _default_device() -> torch.device:
@@ -38,6 +39,8 @@ class AttentionOp:
 
     def __init__(self, program, ir: ProgramIR, backend: str = "auto", projection=None):
         from .backends import BACKEND_NAMES
+        if not isinstance(backend, str):
+            raise PatternError(f"backend must be a name (auto, {', '.join(BACKEND_NAMES)}), got {backend!r}")
         if backend not in BACKEND_NAMES + ("auto",):
             from .errors import did_you_mean
             raise PatternError(f"unknown backend '{backend}'",
@@ -46,6 +49,7 @@ class AttentionOp:
         self.ir = ir
         self.backend = backend
         self._projection_given = projection
+        self._check_projection_given()
         self._projections: dict = {}
         self._draws: dict[str, int] = {}
         self._choice: dict = {}
@@ -82,6 +86,8 @@ class AttentionOp:
         if not (q.device == k.device == v.device):
             raise PatternError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
         B, H, _, D = q.shape
+        if D < 1 or v.shape[3] < 1:
+            raise PatternError(f"head dims must be >= 1: q {_shape(q)}, v {_shape(v)}")
         if k.shape[:2] != (B, H) or v.shape[:2] != (B, H):
             raise PatternError(f"q, k, v must share batch and heads: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
         if k.shape[3] != D:
@@ -107,6 +113,12 @@ class AttentionOp:
         for name in allowed:
             if name not in inputs:
                 raise PatternError(f"pattern {self.name} needs the input '{name}'", hint=self._input_hint(name))
+        from .backends.custom import runtime_ids
+        for st in self.ir.stages:
+            for name in M.runtime_inputs(st.mask):
+                for ids in runtime_ids(name, inputs, B, q.shape[2], k.shape[2]):
+                    if ids.device != q.device:
+                        raise PatternError(f"{name} ids must be on q's device {q.device}, got {ids.device}")
 
     def _input_hint(self, name: str) -> str:
         if name in dict(self.ir.params):
@@ -187,6 +199,26 @@ class AttentionOp:
     def _linear_stages(self) -> list[Stage]:
         return [s for s in self.ir.stages if isinstance(s.normaliser, Linear)]
 
+    def _check_projection_given(self) -> None:
+        """`projection=` is a tensor, or a dict naming random-feature stages: checked at compile time."""
+        given = self._projection_given
+        if given is None:
+            return
+        features = {s.name: s.normaliser.feature_map.features for s in self._linear_stages()
+                    if hasattr(s.normaliser.feature_map, "features")}
+        if not features:
+            raise PatternError(f"projection= was given, but pattern {self.name} has no random-feature stage")
+        items = given.items() if isinstance(given, dict) else [(name, given) for name in features]
+        for name, w in items:
+            if name not in features:
+                from .errors import did_you_mean
+                raise PatternError(f"projection for '{name}': no random-feature stage of that name in {self.name}",
+                                   hint=did_you_mean(str(name), features) or f"stages: {', '.join(features)}")
+            ok = isinstance(w, torch.Tensor) and w.is_floating_point() and w.dim() == 2 and w.shape[0] == features[name]
+            if not ok:
+                raise PatternError(f"projection for stage {name} must be a float tensor [{features[name]}, head_dim] "
+                                   f"(features, head_dim), got {_shape(w)}")
+
     def projection(self, stage: Stage, head_dim: int, device, dtype) -> torch.Tensor | None:
         """The random-feature matrix `[m, head_dim]` of a linear stage (None for elu1): user-given or drawn
         from the feature map's seed (and the redraw count)."""
@@ -233,6 +265,10 @@ class AttentionOp:
         for nm, n in (("n_q", n_q), ("n_k", n_k)):
             if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
                 raise PatternError(f"{nm} must be an int >= 0, got {n!r}")
+        if n_q * (n_q if n_k is None else n_k) > MAX_DENSE_PAIRS:
+            raise PatternError(f"op.mask builds a dense [n_q, n_k] bool tensor: at most {MAX_DENSE_PAIRS} pairs, got "
+                               f"{n_q} x {n_q if n_k is None else n_k}",
+                               hint="op.block_layout(n) classifies tiles in closed form at any length")
         if self.ir.by_heads and stage is None:
             per = [dense_mask(self.ir.stage(o).mask, n_q, n_k, runtime, device) for o in self.ir.outputs]
             reps = [self.ir.stage(o).heads[1] - self.ir.stage(o).heads[0] for o in self.ir.outputs]
@@ -253,14 +289,17 @@ class AttentionOp:
                          **shape)
 
     def emit(self, **constexprs) -> str:
-        """The generated Triton source of this program's kernels."""
+        """The Triton source generated for this program: its mask functions (`mask_tile_*`, `tile_full_*`),
+        which the block-sparse kernels of `backends/triton` inline on partial tiles (full tiles skip them)."""
         from .backends.triton.codegen import emit_program
         return emit_program(self.ir, **constexprs)
 
-    def to_flex(self, stage: str | None = None):
-        """A FlexAttention `mask_mod(b, h, q_idx, kv_idx)` computing the same mask as `op.mask`."""
+    def to_flex(self, stage: str | None = None, *, n_q: int | None = None, n_k: int | None = None,
+                runtime: dict | None = None, device=None):
+        """A FlexAttention `mask_mod(b, h, q_idx, kv_idx)` computing the same mask as `op.mask(n_q, n_k)`;
+        `random(...)` masks need the lengths, `same(...)` masks the runtime ids (`export.flex.to_flex`)."""
         from .export.flex import to_flex
-        return to_flex(self, stage)
+        return to_flex(self, stage, n_q=n_q, n_k=n_k, runtime=runtime, device=device)
 
     def __repr__(self) -> str:
         return f"<AttentionOp {self.name} backend={self.backend}>\n{self.ir.to_text()}"

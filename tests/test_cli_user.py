@@ -83,7 +83,9 @@ def test_help(sub):
 def test_explain_subprocess(local_attn):
     r = cli("explain", local_attn, "-n", 1024, "--set", "w=16", "--head-dim", 32)
     assert r.returncode == 0, r.stderr
-    assert "local" in r.stdout
+    for line in ("plan for local at N = 1024, head_dim = 32", "kernel  block-sparse", "pairs   = 35*N",
+                 "FLOPs   = 4480*N", "class   O(N); beats dense attention's work from N ="):
+        assert line in r.stdout, line
 
 
 @needs_cli
@@ -214,6 +216,29 @@ def test_emit_to_file(local_attn, tmp_path, capsys):
     out = tmp_path / "k.py"
     assert run_inprocess("emit", local_attn, "-D", "BLOCK_M=32", "-o", out) == 0
     assert "BLOCK_M=32" in out.read_text() and "wrote" in capsys.readouterr().out
+
+
+@needs_parser
+def test_unwritable_outputs_are_errors_not_tracebacks(local_attn, tmp_path, capsys):
+    missing = tmp_path / "no" / "such" / "dir"
+    assert run_inprocess("emit", local_attn, "-o", missing / "k.py") == 1
+    assert f"error: cannot write {missing / 'k.py'}: No such file or directory" in capsys.readouterr().err
+    assert run_inprocess("show", local_attn, "-o", tmp_path / "x.txt") == 1
+    err = capsys.readouterr().err
+    assert "cannot draw to" in err and "x.txt: the image formats are .png, .svg, .pdf" in err
+
+
+@needs_parser
+def test_show_refuses_lengths_it_cannot_draw(local_attn, capsys):
+    assert run_inprocess("show", local_attn, "-n", "100000", "--ascii") == 1
+    err = capsys.readouterr().err
+    assert "show draws from the dense mask: N up to 16384, got 100000" in err and "patterndsl explain" in err
+
+
+def test_bench_warmup_must_not_be_negative(local_attn, capsys):
+    with pytest.raises(SystemExit):
+        run_inprocess("bench", local_attn, "--warmup", "-3")
+    assert "expected an int >= 0, got -3" in capsys.readouterr().err
 
 
 @needs_parser

@@ -126,3 +126,20 @@ def test_training_script_errors(capsys):
     if not torch.cuda.is_available():
         assert mod.main(["--device", "cuda", "--steps", "1"]) == 1
         assert "--device cuda, but this machine has no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _nn_ready(), reason="pd.nn.Attention has not landed")
+def test_causal_patterns_read_the_answer_from_the_last_token():
+    """Under a causal mask token 0 sees only itself: the model reverses the sequence and reads the last token,
+    which sees the markers; a bidirectional pattern reads token 0 as it is."""
+    mod = _train_module()
+    causal = mod.Classifier(pd.parse("pattern c() { attend softmax over causal }"), 24, 16, 2, 1, {})
+    plain = mod.Classifier(pd.builtin("longformer"), 24, 16, 2, 1, {"window": 4})
+    assert causal.reversed and not plain.reversed
+    tokens = torch.randint(1, 10, (2, 24))
+    far = tokens.clone()
+    far[:, 23] = 12                                      # change the token farthest from CLS (token 0)
+    for model in (causal, plain):
+        assert not torch.allclose(model(far), model(tokens)), "the answer must see the far end"
+    causal.reversed = False                              # read token 0 under the causal mask: blind
+    assert torch.allclose(causal(far), causal(tokens))

@@ -171,6 +171,12 @@ def test_builtins_are_all_tested():
 def test_op_to_flex_method():
     op = _op(M.sliding(2))
     assert torch.equal(create_mask(op.to_flex(), None, None, 9, 9)[0, 0], op.mask(9))
+    big = pd.compile("bigbird", block=4, backend="reference")          # random blocks: lengths needed
+    assert torch.equal(create_mask(big.to_flex(n_q=40, n_k=40), None, None, 40, 40)[0, 0], big.mask(40))
+    seg = _op(M.Same("doc") & M.CAUSAL)
+    ids = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    got = create_mask(seg.to_flex(runtime={"doc": ids}), 1, None, 6, 6)[0, 0]
+    assert torch.equal(got, seg.mask(6, runtime={"doc": ids})[0])
 
 
 # ------------------------------------------------------------------------------------------- errors

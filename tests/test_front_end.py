@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import patterndsl as pd
+from patterndsl.ir import mask as M
 from patterndsl.grammar import ast, parse_module, print_module
 
 
@@ -191,15 +192,25 @@ def test_a_one_megabyte_program_parses():
     assert prog.lower().stages[0].mask == pd.builtin("longformer").lower(window=0).stages[0].mask
 
 
+def test_long_flat_chains_are_not_deep():
+    """`a | b | c | ...` is a chain, not nesting: 3000 terms parse (rebalanced), and mean their union."""
+    text = "pattern p() { attend softmax over " + " | ".join(f"cols({{{k}}})" for k in range(3000)) + " }"
+    assert pd.parse(text).lower().stages[0].mask == M.cols(set(range(3000)))
+    deep = "pattern p() { attend softmax over " + "sliding(1) & (" * 300 + "full" + ")" * 300 + " }"
+    with pytest.raises(pd.PatternError, match="nested too deeply"):
+        pd.parse(deep)
+
+
 def test_cli_check_never_shows_a_traceback(tmp_path):
     good = tmp_path / "good.attn"
-    good.write_text("pattern good() { attend softmax over causal }")
+    good.write_text("pattern good() { attend softmax over causal }\npattern also(w: int = 2) { attend softmax }")
     bad = tmp_path / "bad.attn"
     bad.write_bytes(b"\x00\xff\xfe")
     run = subprocess.run([sys.executable, "-m", "patterndsl.cli", "check", str(good), "longformer", str(bad),
                           str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1
     assert "good.attn: ok - pattern good() - 1 stage" in run.stdout
+    assert "good.attn: ok - pattern also(w: int = 2) - 1 stage" in run.stdout      # every pattern of a file
     assert "longformer: ok - pattern longformer(" in run.stdout
     assert "is not UTF-8 text" in run.stderr and "is a directory" in run.stderr
     assert "Traceback" not in run.stdout + run.stderr

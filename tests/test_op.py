@@ -106,8 +106,8 @@ def test_causal_luna_pack_keys():
 def test_projection():
     bad = _op(Stage("out", Linear(Favor(8))), projection=torch.randn(8, 5))
     _raises("projection for stage out must be a tensor [8, 4] (features, head_dim), got [8, 5]", bad, Q, Q, Q)
-    per_stage = _op(Stage("out", Linear(Favor(8))), projection={"out": "nope"})
-    _raises("projection for stage out must be a tensor [8, 4] (features, head_dim), got str", per_stage, Q, Q, Q)
+    _raises("projection for stage out must be a float tensor [8, head_dim] (features, head_dim), got str",
+            _op, Stage("out", Linear(Favor(8))), projection={"out": "nope"})
     w = torch.randn(8, 4, dtype=torch.float64)
     given = _op(Stage("out", Linear(Favor(8))), projection=w)
     assert torch.equal(given.projection(given.ir.stages[0], 4, "cpu", torch.float64), w)
@@ -128,3 +128,25 @@ def test_mask_and_backend():
     with pytest.raises(PatternError, match="unknown backend 'xyz'") as e:
         AttentionOp(None, SLIDING.ir, backend="xyz")
     assert "one of: auto, reference, torch, triton" in str(e.value)
+
+
+def test_head_dim_runtime_ids_backend_mask_size_and_projection_errors():
+    _raises("head dims must be >= 1: q [2, 2, 6, 0], v [2, 2, 6, 0]", SLIDING, _t(2, 2, 6, 0), _t(2, 2, 6, 0),
+            _t(2, 2, 6, 0))
+    _raises("seg (query ids) must be an integer tensor [2, 6], got torch.int64 [2, 5]", SAME, Q, Q, Q,
+            seg=torch.zeros(2, 5, dtype=torch.long))
+    _raises("seg (key ids) must be an integer tensor [2, 6], got torch.float32 [2, 6]", SAME, Q, Q, Q,
+            seg=(torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 6)))
+    ir = SLIDING.ir
+    _raises("backend must be a name (auto, reference, torch, triton), got None", AttentionOp, None, ir, None)
+    _raises("op.mask builds a dense [n_q, n_k] bool tensor: at most 4294967296 pairs, got 1000000 x 1000000",
+            SLIDING.mask, 10 ** 6)
+    favor = ProgramIR("f", (Stage("out", Linear(Favor(4))),), ("out",))
+    _raises("projection for stage out must be a float tensor [4, head_dim] (features, head_dim), got str",
+            AttentionOp, None, favor, projection="x")
+    _raises("projection for stage out must be a float tensor [4, head_dim] (features, head_dim), got [3, 4]",
+            AttentionOp, None, favor, projection=torch.randn(3, 4))
+    _raises("projection for 'outt': no random-feature stage of that name in f", AttentionOp, None, favor,
+            projection={"outt": torch.randn(4, 4)})
+    _raises("projection= was given, but pattern prog has no random-feature stage", AttentionOp, None, ir,
+            projection=torch.randn(4, 4))

@@ -64,3 +64,13 @@ def test_plan_report_reads_well():
 def test_plan_names_the_kernel_per_stage(name, kernel):
     plan = pd.compile(name, backend="torch").explain(4096)
     assert {s.kernel for s in plan.stages if s.kind != "softmax" or name == "luna"} == {kernel}
+
+
+def test_auto_picks_triton_on_cuda_and_torch_on_the_cpu():
+    from patterndsl.plan.select import select_backends
+    ir = pd.compile("longformer_performer").ir
+    assert set(select_backends(ir, "auto", torch.device("cuda")).values()) == {"triton"}
+    assert set(select_backends(ir, "auto", torch.device("cpu")).values()) == {"torch"}
+    plan = pd.compile("longformer_performer").explain(2048, device="cuda")
+    assert [s.kernel.split(" (")[0] for s in plan.stages] == ["block-sparse flash attention",
+                                                              "FAVOR+ features fused with linear attention"]

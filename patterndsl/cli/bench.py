@@ -29,7 +29,7 @@ def add_parser(subparsers):
     p.add_argument("--head-dim", type=options.positive, default=64, metavar="D", help="head dimension (default: 64)")
     options.add_device(p)
     p.add_argument("--repeat", type=options.positive, default=5, help="timed runs per cell (default: 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
+    p.add_argument("--warmup", type=options.non_negative, default=1, help="untimed runs first (default: 1)")
     p.add_argument("--flex", action=argparse.BooleanOptionalAction, default=None,
                    help="include compiled FlexAttention (default: on for cuda; on cpu compiling takes ~30 s)")
     p.add_argument("--plot", metavar="PATH", help="also draw time against N to this image file")

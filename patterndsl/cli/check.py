@@ -16,18 +16,17 @@ def add_parser(subparsers):
 
 
 def _programs(target: str):
-    from ..api import builtin, builtins, load, parse_all
+    from ..api import builtin, builtins, load_all
     from pathlib import Path
     path = Path(target)
     if not path.exists() and target in builtins():
         return target, [builtin(target)]
     if path.is_dir():
         raise PatternError(f"{target} is a directory, not a .attn file")
-    prog = load(path) if path.exists() else None
-    if prog is None:
+    if not path.exists():
         raise PatternError(f"no such file or built-in: {target}",
                            hint=f"built-ins: {', '.join(builtins())}")
-    return target, list(parse_all(prog.source.text, prog.source.name))
+    return target, list(load_all(path))
 
 
 def run(args) -> int:

@@ -7,7 +7,7 @@ import argparse
 from ..errors import PatternError
 from . import options
 
-HELP = "print the generated Triton kernel source"
+HELP = "print the Triton mask functions generated for a pattern (inlined by the block-sparse kernels)"
 
 
 def _constexpr(text: str) -> tuple[str, int]:

@@ -127,6 +127,18 @@ def positive(text: str) -> int:
     return v
 
 
+def non_negative(text: str) -> int:
+    """argparse type: an int >= 0."""
+    import argparse
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got '{text}'") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {v}")
+    return v
+
+
 def sizes(text: str) -> list[int]:
     """argparse type: '1024,2048,4096' as a list of positive ints."""
     return [positive(x) for x in text.split(",") if x.strip()]
@@ -134,8 +146,8 @@ def sizes(text: str) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------ errors
 def guarded(run):
-    """Wrap a subcommand's `run(args) -> int`: PatternErrors print their rendering and exit 1, Ctrl-C
-    exits 130, never a traceback."""
+    """Wrap a subcommand's `run(args) -> int`: PatternErrors print their rendering and exit 1, a file that
+    cannot be written exits 1 with its path and reason, Ctrl-C exits 130, never a traceback."""
     @functools.wraps(run)
     def wrapper(args) -> int:
         try:
@@ -148,4 +160,8 @@ def guarded(run):
             return 130
         except BrokenPipeError:  # `patterndsl emit x | head`
             return 0
+        except OSError as e:     # an output path that cannot be written
+            where = f" {e.filename}" if e.filename else ""
+            print(f"error: cannot write{where}: {e.strerror or e}", file=sys.stderr)
+            return 1
     return wrapper

@@ -3,11 +3,15 @@ with the tile grid overlaid and the density in each title; `--ascii` prints it f
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from ..errors import PatternError
 from . import options
 from .picture import ascii_picture, draw, panels
 
 HELP = "draw a pattern's mask (PNG with the tile grid, or --ascii)"
+MAX_N = 16384                                  # the picture is pooled from the dense mask: N^2 bits
+FORMATS = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
 
 
 def add_parser(subparsers):
@@ -29,6 +33,11 @@ def add_parser(subparsers):
 
 @options.guarded
 def run(args) -> int:
+    if args.seq_len > MAX_N:
+        raise PatternError(f"show draws from the dense mask: N up to {MAX_N}, got {args.seq_len}",
+                           hint="`patterndsl explain FILE -n N` reports the tiles and density at any N")
+    if args.output and Path(args.output).suffix.lower() not in FORMATS:
+        raise PatternError(f"cannot draw to {args.output}: the image formats are {', '.join(FORMATS)}")
     op = options.compile_op(args, backend="reference")
     pics = panels(op, args.seq_len, args.block)
     if args.ascii:

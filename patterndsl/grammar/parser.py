@@ -213,6 +213,39 @@ def _syntax_error(e: UnexpectedInput, text: str) -> PatternError:
                         hint=_expected(e.expected))
 
 
+ASSOCIATIVE = ("union_op", "inter_op", "or_op", "and_op")   # chains of these are rebalanced, not nested
+
+
+def _rebalance(tree: Tree) -> Tree:
+    """Left-leaning chains of one associative operator (`a | b | c | ...`, as the LALR grammar builds them)
+    become balanced trees, so a long flat union is log-deep, not as deep as it is long. Iterative."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        for k, child in enumerate(node.children):
+            if not isinstance(child, Tree):
+                continue
+            if child.data in ASSOCIATIVE and isinstance(child.children[0], Tree) \
+                    and child.children[0].data == child.data:
+                operands, spine = [], child
+                while isinstance(spine, Tree) and spine.data == child.data:
+                    operands.append(spine.children[1])
+                    spine = spine.children[0]
+                operands.append(spine)
+                node.children[k] = child = _balanced(child.data, operands[::-1], child.meta)
+            stack.append(child)
+    return tree
+
+
+def _balanced(data: str, operands: list, meta) -> Tree:
+    """A balanced tree of `data` over `operands` (left to right), built bottom-up."""
+    level = list(operands)
+    while len(level) > 1:
+        pairs = [Tree(data, [level[i], level[i + 1]], meta) for i in range(0, len(level) - 1, 2)]
+        level = pairs + ([level[-1]] if len(level) % 2 else [])
+    return level[0]
+
+
 def _check_depth(tree: Tree) -> None:
     """Bound the tree depth iteratively, before the recursive transformer sees it."""
     stack = [(tree, 1)]
@@ -230,7 +263,7 @@ def parse_module(text: str, name: str = "<string>") -> ast.Module:
     """Parse `.attn` text into an `ast.Module`; syntax errors are PatternErrors pointing at the token."""
     source = Source(text, name)
     try:
-        tree = _lark().parse(text)
+        tree = _rebalance(_lark().parse(text))
         _check_depth(tree)
         module = _Build().transform(tree)
     except UnexpectedInput as e:

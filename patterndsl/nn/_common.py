@@ -29,13 +29,16 @@ def check_dims(embed_dim, num_heads) -> int:
     return embed_dim // num_heads
 
 
-def check_input(x, embed_dim: int, name: str = "x") -> None:
-    """`x` must be a floating (B, N, embed_dim) tensor."""
+def check_input(x, embed_dim: int, name: str = "x", dtype: torch.dtype | None = None) -> None:
+    """`x` must be a floating (B, N, embed_dim) tensor (of the layer's `dtype`, when given)."""
     if not isinstance(x, torch.Tensor):
         raise PatternError(f"{name} must be a torch.Tensor (B, N, {embed_dim}), got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != embed_dim:
         raise PatternError(f"{name} must be (B, N, {embed_dim}) (batch, tokens, embed_dim), got "
                            f"({', '.join(map(str, x.shape))})")
+    if dtype is not None and x.dtype != dtype:
+        raise PatternError(f"{name} must have the layer's dtype {dtype}, got {x.dtype}",
+                           hint=f"convert the input (x.to({dtype})) or the layer (layer.to({x.dtype}))")
 
 
 def check_padding(mask, x: torch.Tensor, name: str = "key_padding_mask"):

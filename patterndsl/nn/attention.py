@@ -42,6 +42,8 @@ class Attention(nn.Module):
                  backend: str = "auto", **params):
         super().__init__()
         self.head_dim = check_dims(embed_dim, num_heads)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise PatternError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.op = make_op(program, backend, **params)
         ir = self.op.ir
@@ -66,7 +68,7 @@ class Attention(nn.Module):
         self.training_calls = 0
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, **inputs):
-        check_input(x, self.embed_dim)
+        check_input(x, self.embed_dim, dtype=self.out_proj.weight.dtype)
         key_padding_mask = check_padding(key_padding_mask, x)
         for name in inputs:
             if name in self.params or (name == NESTED_KEYS and self.c_proj is not None):

@@ -57,7 +57,7 @@ class LongformerAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
                 global_mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.embed_dim)
+        check_input(x, self.embed_dim, dtype=self.query.weight.dtype)
         kpm = check_padding(key_padding_mask, x)
         glob = check_padding(global_mask, x, "global_mask")
         B, N, _ = x.shape

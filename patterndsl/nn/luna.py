@@ -78,7 +78,7 @@ class LunaLayer(nn.Module):
             self.pack_op, self.unpack_op = make_op(pack, backend), make_op(unpack, backend)
 
     def forward(self, x: torch.Tensor, p: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None):
-        check_input(x, self.embed_dim)
+        check_input(x, self.embed_dim, dtype=self.out_proj.weight.dtype)
         key_padding_mask = check_padding(key_padding_mask, x)
         p = self._packed(p, x)
         xn = self.attn_norm(x) if self.normalize_before else x

@@ -35,6 +35,21 @@ class TritonBackend:
             return f"no Triton kernel for the feature map {type(norm.feature_map).__name__}"
         return None
 
+    def kernel(self, stage, n_q: int, n_k: int) -> str:
+        """The kernel a stage runs as (for plans and reports)."""
+        from ...ir.program import Softmax
+        from .codegen import is_band
+        norm = stage.normaliser
+        if isinstance(norm, Softmax):
+            walk = "band loop bounds" if is_band(stage.mask) else "tile list of the closed-form layout"
+            return (f"block-sparse flash attention ({walk}; mask inlined on partial tiles only; long rows and "
+                    f"columns split, merged by log-sum-exp)")
+        if isinstance(norm, Linear):
+            name = {Favor: "FAVOR+", ReluFeatures: "relu", Elu1: "elu+1"}[type(norm.feature_map)]
+            return f"{name} features fused with linear attention" + (
+                " (chunked causal scan, running max)" if stage.causal else "")
+        return "causal Luna scan"
+
     def block(self, head_dim: int, device) -> tuple[int, int]:
         """(BLOCK_M, BLOCK_N) of the softmax kernels for this head dim on this device."""
         from .softmax import default_blocks
