@@ -64,7 +64,7 @@ class Classifier(nn.Module):
         self.pos = nn.Parameter(torch.randn(n, dim) * 0.02)
         self.blocks = nn.ModuleList(Block(program, dim, heads, params) for _ in range(layers))
         self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2))
-        self.reversed = is_causal(self.blocks[0].attn.op)
+        self.reversed = is_causal(self.blocks[0].attn)
 
     def forward(self, tokens):
         if self.reversed:      # causal: CLS goes last (the only token that may see everything), markers first
@@ -76,9 +76,10 @@ class Classifier(nn.Module):
         return self.head(x[:, -1] if self.reversed else x[:, 0])
 
 
-def is_causal(op) -> bool:
+def is_causal(layer) -> bool:
     """True when no query sees a later key: token 0 then sees only itself and cannot hold the answer."""
-    return not bool(op.mask(8).triu(1).any())
+    ids = runtime_inputs(layer, torch.zeros(1, 8, dtype=torch.long))
+    return not bool(layer.op.mask(8, runtime=ids).triu(1).any())
 
 
 def runtime_inputs(layer, tokens) -> dict:

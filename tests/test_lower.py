@@ -167,7 +167,7 @@ def test_unknown_parameter_has_did_you_mean():
     (dict(window="big"), "parameter 'window' expects int, got str 'big'"),
     (dict(window=True), "parameter 'window' expects int, got bool True"),
     (dict(window=2.5), "parameter 'window' expects int, got float 2.5"),
-    (dict(globals=[0, -1]), "parameter 'globals' expects set, got list [0, -1]"),
+    (dict(globals=[0, -1]), "parameter 'globals' holds token indices (ints >= 0), got -1"),
     (dict(globals="0"), "parameter 'globals' expects set, got str '0'"),
     (dict(causal=1), "parameter 'causal' expects bool, got int 1"),
 ])
@@ -183,6 +183,9 @@ def test_compile_time_value_errors_point_into_the_source():
         pd.compile("longformer", dilation=0)
     assert "dilation must be >= 1, got 0" in info.value.message
     assert "sliding(window // 2, dilation)" in str(info.value)
+    assert info.value.hint == "with the parameters given at compile time: dilation=0"
+    with pytest.raises(pd.PatternError, match=r"parameter 'globals' holds token indices \(ints >= 0\), got -1"):
+        pd.compile("longformer", globals={3, -1})
 
 
 def test_missing_required_parameter():
@@ -203,3 +206,9 @@ def test_set_parameters_accept_any_int_collection():
 def test_defaults_may_use_earlier_parameters():
     ir = lower("pattern p(w: int = 4, half: int = w // 2) { attend softmax over sliding(half) }", w=10)
     assert ir.stages[0].mask == M.sliding(5)
+
+
+def test_long_stage_chains_lower_without_recursion():
+    body = "\n".join(f"    s{k} = attend softmax query s{k - 1}" for k in range(1, 3000))
+    ir = pd.parse(f"pattern p() {{\n    s0 = attend softmax\n{body}\n    return s2999\n}}").lower()
+    assert [s.name for s in ir.stages] == [f"s{k}" for k in range(3000)]

@@ -67,6 +67,8 @@ CASES = {  # id names the shape: B-H-N-D (and what it covers)
     "B1-H2-N50-D16-dilated": (M.sliding(3, 2), 1, 2, 50, 16, {}),
     "B1-H1-N64-D16-many-globals": (M.sliding(2) | M.global_(GLOBALS), 1, 1, 64, 16, dict(split=2)),
     "B1-H2-N45-D64-causal-band": (M.CAUSAL, 1, 2, 45, 64, dict(block=(16, 32), split=1)),
+    "B1-H1-N37-D32-window": (M.window(6, 0) | M.cols({0}), 1, 1, 37, 32, dict(block=(16, 16))),
+    "B1-H1-N33-D128-sliding": (M.sliding(5), 1, 1, 33, 128, dict(block=(16, 16))),
     "B1-H1-N48-D16-where": (M.Where(P.Cmp("==", P.Bin("%", P.Bin("-", P.J, P.I), P.Const(-3)), P.Const(-1))),
                             1, 1, 48, 16, {}),
     "B1-H1-N40-D16-random-blocks": (M.Random(2, 16, 3) | M.rows({5}) | (M.blocks(8) - M.CAUSAL), 1, 1, 40, 16,

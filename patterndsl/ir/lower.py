@@ -17,7 +17,14 @@ from .verify import verify
 def lower(pattern: ast.Pattern, overrides: dict | None = None) -> ProgramIR:
     """Lower `pattern` with parameters `overrides` (the rest take their defaults)."""
     values = bind_params(pattern, overrides or {})
-    prog = lower_body(pattern, values)
+    try:
+        prog = lower_body(pattern, values)
+    except PatternError as e:
+        if overrides:        # the caret points into the source; name the compile-time values behind it
+            given = ", ".join(f"{k}={_show(v)}" for k, v in overrides.items())
+            e.hint = f"{e.hint}; " if e.hint else ""
+            e.hint += f"with the parameters given at compile time: {given}"
+        raise
     verify(prog)
     return prog
 
@@ -62,6 +69,9 @@ def bind_params(pattern: ast.Pattern, overrides: dict) -> dict:
         if p.name in overrides:
             got = overrides[p.name]
             v = _convert(got, p.type)
+            if v is None and p.type == "set" and isinstance(got, (set, frozenset, list, tuple, range)):
+                bad = next(x for x in got if not (isinstance(x, int) and not isinstance(x, bool) and x >= 0))
+                raise PatternError(f"parameter '{p.name}' holds token indices (ints >= 0), got {bad!r}", p.span)
             if v is None:
                 shown = repr(got) if len(repr(got)) < 60 else repr(got)[:57] + "..."
                 hint = "a set is a collection of token indices >= 0, e.g. {0, 5}" if p.type == "set" else None
@@ -91,6 +101,8 @@ def _check_choice(p: ast.Param, value, earlier: dict) -> None:
 
 
 def _show(v) -> str:
+    if isinstance(v, frozenset):
+        return "{" + ", ".join(map(str, sorted(v))) + "}"
     return f'"{v}"' if isinstance(v, str) else repr(v)
 
 
@@ -202,24 +214,26 @@ def schedule(name, stages: dict, outputs, params, by_heads, bindings, spans) -> 
     """Order the stages the outputs need so each follows its sources (depth-first from the outputs); drop the rest."""
     needed: list[str] = []
     state: dict[str, int] = {}  # 1 = visiting, 2 = done
-
-    def visit(n: str, path: list[str]):
-        if n == INPUT or n in dict(params):
-            return
-        if n not in stages:
-            raise PatternError(f"unknown stage '{n}'", spans.get(path[-1]) if path else None,
-                               hint=did_you_mean(n, list(stages) + [INPUT]))
-        if state.get(n) == 1:
-            cycle = path[path.index(n):] + [n]
-            raise PatternError(f"stages form a cycle: {' -> '.join(cycle)}", spans[n])
-        if state.get(n) == 2:
-            return
-        state[n] = 1
-        for src in stages[n].sources:
-            visit(src, path + [n])
-        state[n] = 2
-        needed.append(n)
-
-    for out in outputs:
-        visit(out, [])
+    for out in outputs:         # iterative depth-first search: a chain of thousands of stages is no recursion
+        path: list[str] = []
+        todo: list[tuple[str, bool]] = [(out, False)]
+        while todo:
+            n, leaving = todo.pop()
+            if leaving:
+                state[n] = 2
+                needed.append(n)
+                path.pop()
+                continue
+            if n == INPUT or n in dict(params) or state.get(n) == 2:
+                continue
+            if n not in stages:
+                raise PatternError(f"unknown stage '{n}'", spans.get(path[-1]) if path else None,
+                                   hint=did_you_mean(n, list(stages) + [INPUT]))
+            if state.get(n) == 1:
+                cycle = path[path.index(n):] + [n]
+                raise PatternError(f"stages form a cycle: {' -> '.join(cycle)}", spans[n])
+            state[n] = 1
+            path.append(n)
+            todo.append((n, True))
+            todo.extend((src, False) for src in reversed(stages[n].sources))
     return ProgramIR(name, tuple(stages[n] for n in needed), tuple(outputs), params, by_heads, bindings)

@@ -14,7 +14,8 @@ import torch
 
 from ..ir.program import Linear, ProgramIR, Softmax
 from .cost import N, complexity, crossover, lengths, stage_costs
-from .layout import EMPTY, FULL, block_layout
+from .layout import PARTIAL, tile_layout
+from .select import auto_order
 
 _MAX_TABULATED = 1 << 17  # tile statistics are tabulated up to this many tokens
 
@@ -30,6 +31,7 @@ class StagePlan:
     tiles: tuple[int, int, int] | None  # nonzero, partial, total
     pairs: sympy.Expr
     flops: sympy.Expr
+    bytes: sympy.Expr
     memory: sympy.Expr
     complexity: str
     beats_dense_from: int | None
@@ -55,6 +57,8 @@ class Plan:
         for s in self.stages:
             out.append(f"stage {s.name}: {s.kind} on backend '{s.backend}' ({s.why})")
             out.append(f"  kernel  {s.kernel}")
+            if s.tiles is None and s.kind == "softmax" and n > _MAX_TABULATED:
+                out.append(f"  tiles   not tabulated above N = {_MAX_TABULATED} (op.block_layout(n) gives them)")
             if s.tiles is not None:
                 nz, part, total = s.tiles
                 out.append(f"  tiles {s.block[0]}x{s.block[1]}: {nz} of {total} nonzero ({nz / total:.1%}), "
@@ -62,6 +66,8 @@ class Plan:
             p_now = float(s.pairs.subs(N, n))
             out.append(f"  pairs   = {s.pairs}  = {p_now:.4g} at N = {n} (density {p_now / n / n:.2%})")
             out.append(f"  FLOPs   = {s.flops}  = {float(s.flops.subs(N, n)):.4g} per (batch, head)")
+            out.append(f"  bytes   = {s.bytes}  = {float(s.bytes.subs(N, n)):.4g} moved per (batch, head) "
+                       f"(inputs read once, output written once)")
             out.append(f"  memory  = {s.memory} bytes  = {float(s.memory.subs(N, n)):.4g} per (batch, head)")
             beat = f"beats dense attention's work from N = {s.beats_dense_from}" if s.beats_dense_from else \
                 "never does less work than dense attention"
@@ -89,15 +95,17 @@ def _plan(ir: ProgramIR, seq_len, head_dim, device, dtype, requested, choice) ->
         c = stage_costs(st, head_dim, elt, rows[st.query], rows[st.keys])
         kind = "softmax" if isinstance(st.normaliser, Softmax) else \
             "linear" if isinstance(st.normaliser, Linear) else "nested"
-        why = "requested" if requested != "auto" else "first backend in the auto order that supports it"
+        why = "requested" if requested != "auto" else \
+            f"auto on {torch.device(device).type}: the first of {', '.join(auto_order(torch.device(device)))} that runs it"
         be = get_backend(chosen[st.name])
         n_q, n_k = (int(rows[x].subs(N, seq_len)) for x in (st.query, st.keys))
         kernel = be.kernel(st, n_q, n_k) if hasattr(be, "kernel") else chosen[st.name]
         block, tiles = None, None
         if kind == "softmax" and st.query == "input" and st.keys == "input" and seq_len <= _MAX_TABULATED:
             block = tuple(be.block(head_dim, torch.device(device))) if hasattr(be, "block") else (64, 64)
-            layout = block_layout(st.mask, seq_len, seq_len, *block)
-            tiles = (int((layout != EMPTY).sum()), int((layout == 1).sum()), layout.numel())
+            layout = tile_layout(st.mask, seq_len, seq_len, *block)
+            tiles = (layout.nnz, int((layout.cls == PARTIAL).sum()), layout.shape[0] * layout.shape[1])
         stages.append(StagePlan(st.name, kind, chosen[st.name], why, kernel, block, tiles, c["pairs"], c["flops"],
-                                c["memory"], complexity(c["flops"]), crossover(c["flops"], head_dim)))
+                                sympy.simplify(c["bytes"]), c["memory"], complexity(c["flops"]),
+                                crossover(c["flops"], head_dim)))
     return Plan(ir.name, seq_len, head_dim, device, dtype, order, tuple(stages))

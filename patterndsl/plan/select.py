@@ -7,7 +7,8 @@ from ..errors import PatternError
 from ..ir.program import ProgramIR
 
 
-def _auto_order(device: torch.device) -> tuple[str, ...]:
+def auto_order(device: torch.device) -> tuple[str, ...]:
+    """The backends `auto` tries on `device`, fastest first."""
     return ("triton", "torch", "reference") if device.type == "cuda" else ("torch", "reference")
 
 
@@ -16,7 +17,7 @@ def select_backends(ir: ProgramIR, requested: str, device: torch.device) -> dict
     from ..backends import get_backend
     choice = {}
     for st in ir.stages:
-        order = _auto_order(device) if requested == "auto" else (requested,)
+        order = auto_order(device) if requested == "auto" else (requested,)
         reasons = []
         for name in order:
             try:
