@@ -149,3 +149,23 @@ def test_same_without_ids_is_a_pattern_error():
     from patterndsl.errors import PatternError
     with pytest.raises(PatternError, match="runtime ids 'seg'.*none were given"):
         dense_mask(M.Same("seg"), 4)
+
+
+@pytest.mark.parametrize("a,b,want", [
+    (M.sliding(1), M.sliding(2), M.sliding(2)),                       # nested
+    (M.window(3, 0), M.window(0, 3), M.sliding(3)),                  # overlapping halves
+    (M.window(3, 0), M.band(-5, -1), M.window(3, 5)),                # touching on the lattice
+    (M.sliding(2, 2), M.sliding(4), M.sliding(4)),                   # a dilated band inside a dense one
+    (M.CAUSAL, M.band(None, -1), M.FULL),                            # the two halves of the plane
+    (M.sliding(1, 2), M.band(3, 5, 2), M.band(-2, 4, 2)),            # same step, adjacent
+], ids=["nested", "halves", "touching", "dilated-inside", "plane", "dilated-adjacent"])
+def test_band_unions_merge_to_one_band(a, b, want):
+    got = a | b
+    assert got == want and (b | a) == want
+    assert torch.equal(dense_mask(got, 19, 23), dense_mask(a, 19, 23) | dense_mask(b, 19, 23))
+
+
+def test_band_unions_that_are_not_one_band_stay_apart():
+    m = M.sliding(1) | M.band(5, 6)                                  # a gap at offsets 2..4
+    assert isinstance(m, M.Union) and len(m.parts) == 2
+    assert isinstance(M.sliding(2, 2) | M.sliding(1, 3), M.Union)    # different steps, neither covers

@@ -178,11 +178,56 @@ def _canon(kind, parts: list) -> Mask:
     return uniq[0] if len(uniq) == 1 else kind(tuple(uniq))
 
 
+def _covers(a: Band, b: Band) -> bool:
+    """Every pair of band b is in band a (b's offsets are multiples of b.step, hence of a.step)."""
+    return (b.step % a.step == 0 and (a.lo is None or (b.lo is not None and b.lo >= a.lo))
+            and (a.hi is None or (b.hi is not None and b.hi <= a.hi)))
+
+
+def _joined(a: Band, b: Band) -> Mask | None:
+    """a | b as one band when it is one (same step, overlapping or touching on the lattice), else None."""
+    if a.step != b.step:
+        return None
+    inf = float("inf")
+    lo_a, lo_b = (-inf if a.lo is None else a.lo), (-inf if b.lo is None else b.lo)
+    hi_a, hi_b = (inf if a.hi is None else a.hi), (inf if b.hi is None else b.hi)
+    if max(lo_a, lo_b) > min(hi_a, hi_b) + a.step:
+        return None
+    lo = None if a.lo is None or b.lo is None else min(a.lo, b.lo)
+    hi = None if a.hi is None or b.hi is None else max(a.hi, b.hi)
+    return band(lo, hi, a.step)
+
+
+def _union_bands(bands: list[Band]) -> list[Mask]:
+    """Bands merged while any two are one band (`sliding(1) | sliding(2)` is `sliding(2)`)."""
+    out = list(dict.fromkeys(bands))
+    merged = True
+    while merged and len(out) > 1:
+        merged = False
+        for x in range(len(out)):
+            for y in range(len(out)):
+                if x == y:
+                    continue
+                a, b = out[x], out[y]
+                one = a if _covers(a, b) else _joined(a, b)
+                if one is not None:
+                    out = [m for k, m in enumerate(out) if k not in (x, y)] + [one]
+                    merged = True
+                    break
+            if merged:
+                break
+    return out
+
+
 def union(*parts: Mask) -> Mask:
-    """`a | b | ...` in normal form."""
+    """`a | b | ...` in normal form (bands that form one band merge; row/col sets unite)."""
     flat = [p for p in _flatten(Union, parts) if not isinstance(p, Empty)]
     if any(isinstance(p, Full) for p in flat):
         return FULL
+    bands = _union_bands([p for p in flat if isinstance(p, Band)])
+    if any(isinstance(b, Full) for b in bands):
+        return FULL
+    flat = [p for p in flat if not isinstance(p, Band)] + bands
     rows_, cols_ = frozenset(), frozenset()
     rest = []
     for p in flat:
