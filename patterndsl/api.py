@@ -96,8 +96,9 @@ def _one(programs: tuple[Program, ...], pattern: str | None, where: str) -> Prog
     for p in programs:
         if p.name == pattern:
             return p
+    names = [p.name for p in programs]
     raise PatternError(f"no pattern '{pattern}' in {where}",
-                       hint=did_you_mean(pattern, [p.name for p in programs]))
+                       hint=did_you_mean(pattern, names) or f"it holds: {', '.join(names)}")
 
 
 def parse(text: str, name: str = "<string>", pattern: str | None = None) -> Program:

@@ -90,6 +90,42 @@ def test_check_errors(text, message, line, col, hint):
         assert hint in (e.hint or "")
 
 
+@pytest.mark.parametrize("text,message,line,col", [
+    ("pattern p() { input = attend softmax\n return input }", "'input' is the op's input and cannot be redefined",
+     1, 15),
+    ("pattern p() { a = attend softmax\n x = a | causal\n return a }", "'a' is a tensor source, not a value", 2, 6),
+    ("pattern p(w: int = 2) { attend softmax over w(3) }", "'w' is a value, not a function", 1, 45),
+    ("pattern p() { attend softmax over same(3) }", "same takes a name", 1, 40),
+    ("pattern p(w: int = 2) { attend softmax query w }", "'w' is a value, not a stage or input", 1, 46),
+    ("pattern p() { a = attend softmax\n return a\n return a }", "a pattern returns once", 3, 2),
+    ("pattern p() { a = attend softmax\n attend softmax\n return a }",
+     "a pattern with a return cannot also have unnamed attend stages", 2, 2),
+    ("pattern p() { param t[0]\n attend softmax query t }", "at least 1 row", 1, 23),
+    ("pattern p(c: int = 1) { attend softmax over if c then full else causal }",
+     "the condition of `if` must be a compile-time bool, got int", 1, 48),
+    ("pattern p(s: set = {1}) { attend softmax over where(i < s) }", "set cannot be used inside where(...)", 1, 57),
+    ("pattern p() { attend softmax over sliding(-full) }", "cannot negate mask", 1, 44),
+    ("pattern p() { attend softmax over causal + causal }", "`+` does not apply to masks", 1, 35),
+    ("pattern p() { attend softmax over rows({1} < {2}) }", "`<` does not apply to sets", 1, 40),
+    ("pattern p() { attend softmax over sliding(1 | 2) }", "`|` combines masks or sets, not numbers", 1, 43),
+    ("pattern p() { attend softmax over sliding(2 * true) }", "`*` needs numbers, got bool", 1, 47),
+    ("pattern p() { attend softmax over where(i) }", "where(...) needs a condition", 1, 41),
+    ("pattern p() { attend softmax over where(sliding(i) == j) }", "sliding(...) cannot be used inside where(...)",
+     1, 41),
+    ("pattern p() { attend linear(favor(4, eps = 0)) }", "eps must be > 0, got 0", 1, 44),
+    ("pattern p() { attend linear(favor(4, scaling = 3)) }", "scaling must be 0 (chi norms) or 1 (sqrt(d)), got 3",
+     1, 48),
+    ("pattern p() { attend softmax, scale = 1e308 * 10 }", "value is not finite", 1, 39),
+])
+def test_value_and_structure_errors(text, message, line, col):
+    """The error paths of checks.py, values.py and lower.py that the table above does not reach."""
+    with pytest.raises(pd.PatternError) as info:
+        pd.parse(text).lower()
+    assert message in info.value.message, str(info.value)
+    assert (info.value.line, info.value.column) == (line, col), str(info.value)
+    assert "^" in str(info.value)
+
+
 def test_error_rendering_shows_file_line_and_caret(tmp_path):
     f = tmp_path / "bad.attn"
     f.write_text("# comment\npattern p() {\n    attend softmax over slidng(4)\n}\n")
@@ -217,3 +253,18 @@ def test_cli_check_never_shows_a_traceback(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "patterndsl.cli", "check", *pd.builtins()],
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and ok.stdout.count(": ok - ") == len(pd.builtins())
+
+
+def test_api_errors(tmp_path):
+    two = tmp_path / "two.attn"
+    two.write_text("pattern a() { attend softmax }\npattern b() { attend softmax }")
+    cases = [(lambda: pd.load(two), f"{two} holds 2 patterns (a, b)", "choose one with pattern=NAME"),
+             (lambda: pd.load(two, pattern="c"), f"no pattern 'c' in {two}", "it holds: a, b"),
+             (lambda: pd.load(two, pattern="bb"), f"no pattern 'bb' in {two}", "did you mean 'b'?"),
+             (lambda: pd.compile(3), "expected a Program, a built-in name, .attn text or a path, got int", None),
+             (lambda: pd.builtin("longformr"), "no built-in program 'longformr'", "did you mean 'longformer'?")]
+    for fn, message, hint in cases:
+        with pytest.raises(pd.PatternError) as info:
+            fn()
+        assert info.value.message == message and info.value.hint == hint
+    assert [p.name for p in pd.api.load_all(two)] == ["a", "b"]
