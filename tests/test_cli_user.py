@@ -235,6 +235,13 @@ def test_show_refuses_lengths_it_cannot_draw(local_attn, capsys):
     assert "show draws from the dense mask: N up to 16384, got 100000" in err and "patterndsl explain" in err
 
 
+@needs_parser
+def test_bench_plot_path_is_checked_before_timing(local_attn, tmp_path, capsys):
+    assert run_inprocess("bench", local_attn, "--sizes", "64", "--plot", tmp_path / "b.txt") == 1
+    err = capsys.readouterr().err
+    assert "cannot draw to" in err and "b.txt: the image formats are .png" in err
+
+
 def test_bench_warmup_must_not_be_negative(local_attn, capsys):
     with pytest.raises(SystemExit):
         run_inprocess("bench", local_attn, "--warmup", "-3")

@@ -58,7 +58,7 @@ def test_plan_report_reads_well():
     assert "pairs   = 131*N" in text and "class   O(N)" in text
 
 
-@pytest.mark.parametrize("name,kernel", [("luna", "dense over the short side (16 rows)"),
+@pytest.mark.parametrize("name,kernel", [("luna", "dense over the short side (16 rows; SDPA unless keys are padded)"),
                                          ("performer", "FAVOR+ with in-place features and a hand-written backward"),
                                          ("luna_causal", "causal Luna by cumulative sums")])
 def test_plan_names_the_kernel_per_stage(name, kernel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -106,6 +107,12 @@ def _fmt(x) -> str:
 @options.guarded
 def run(args) -> int:
     device, dtype = options.device(args), options.dtype(args)
+    if args.plot:                                 # before any timing: a plot that cannot be drawn fails now
+        from .picture import _pyplot
+        from .show import FORMATS
+        _pyplot("--plot", "or drop --plot")
+        if Path(args.plot).suffix.lower() not in FORMATS:
+            raise PatternError(f"cannot draw to {args.plot}: the image formats are {', '.join(FORMATS)}")
     op = options.compile_op(args)
     sizes = args.sizes or ([1024, 2048, 4096] if device.type == "cpu" else [4096, 8192, 16384, 32768])
     why_not = flex_problem(op)
@@ -147,7 +154,7 @@ def run(args) -> int:
 
 def _plot(rows, path, name, device):
     from .picture import _pyplot
-    plt = _pyplot()
+    plt = _pyplot("--plot", "or drop --plot")
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for col, label in ((1, "patterndsl"), (2, "SDPA dense"), (3, "FlexAttention")):
         pts = [(r[0], r[col]) for r in rows if isinstance(r[col], float)]

@@ -160,14 +160,14 @@ def ascii_picture(pics: list[Panel], width: int = 64) -> str:
 
 
 # ------------------------------------------------------------------------------------------- matplotlib
-def _pyplot():
+def _pyplot(what: str = "drawing masks", instead: str = "or use --ascii"):
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise PatternError("drawing masks needs matplotlib, which is not installed",
-                           hint="pip install 'patterndsl[plot]' (or matplotlib), or use --ascii") from None
+        raise PatternError(f"{what} needs matplotlib, which is not installed",
+                           hint=f"pip install 'patterndsl[plot]' (or matplotlib), {instead}") from None
     return plt
 
 

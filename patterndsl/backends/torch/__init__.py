@@ -33,7 +33,7 @@ class TorchBackend:
         from ...ir.program import Linear, Softmax
         if isinstance(stage.normaliser, Softmax):
             if _short_full(stage, n_q, n_k):
-                return f"dense over the short side ({min(n_q, n_k)} rows)"
+                return f"dense over the short side ({min(n_q, n_k)} rows; SDPA unless keys are padded)"
             return "block-sparse (gathered nonempty tiles, element mask on partial tiles only)"
         if isinstance(stage.normaliser, Linear):
             if _fused_favor(stage):
@@ -43,7 +43,9 @@ class TorchBackend:
 
     def softmax(self, stage, q, k, v, *, scale, key_padding_mask=None, runtime=None):
         if _short_full(stage, q.shape[2], k.shape[2]):
-            from ..reference.softmax import softmax_attention as dense
+            if key_padding_mask is None:     # every row has a key: SDPA's fused kernel is exact here
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+            from ..reference.softmax import softmax_attention as dense   # rows may lose every key: zeros
             allowed = torch.ones(1, 1, dtype=torch.bool, device=q.device)
             return dense(q, k, v, allowed, scale, key_padding_mask)[0]
         from .softmax import softmax_attention

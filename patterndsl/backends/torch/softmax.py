@@ -25,7 +25,7 @@ from ..custom import flatten_ids, register, register_softmax_autograd, spec, unf
 from .blocksparse import blocksparse_bwd, blocksparse_fwd
 from .schedule import Schedule, make_schedule
 
-BLOCK = (128, 64)  # Longformer at N = 16k on 2 CPU cores: the fastest of 64..128 x 32..64 (BENCHMARKS.md)
+BLOCK = (128, 32)  # Longformer, 2 CPU cores: the fastest of (64|128) x (32|64) at N = 4k..64k, fwd and fwd+bwd
 _LOW = (torch.float16, torch.bfloat16)
 
 
