@@ -115,28 +115,25 @@ def device(args, need: bool = True):
     return dev
 
 
-def positive(text: str) -> int:
-    """argparse type: an int >= 1."""
+def _int_at_least(text: str, low: int, what: str) -> int:
     import argparse
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got '{text}'") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {v}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'") from None
+    if v < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
     return v
+
+
+def positive(text: str) -> int:
+    """argparse type: an int >= 1."""
+    return _int_at_least(text, 1, "a positive int")
 
 
 def non_negative(text: str) -> int:
     """argparse type: an int >= 0."""
-    import argparse
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got '{text}'") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {v}")
-    return v
+    return _int_at_least(text, 0, "an int >= 0")
 
 
 def sizes(text: str) -> list[int]:
