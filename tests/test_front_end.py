@@ -210,7 +210,7 @@ def test_mutated_library_programs(text, at, cut, insert):
     "pattern p() { attend softmax over " + "~" * 10000 + "full }",
     "pattern p() { attend softmax over " + " | ".join(["full"] * 20000) + " }",
     "pattern p() { attend softmax over " + "(" * 10000,
-])
+], ids=["parens-10000", "complements-10000", "union-chain-20000", "unclosed-10000"])
 def test_deep_nesting_ends_in_a_result_or_a_pattern_error(text):
     start = time.perf_counter()
     try:
