@@ -285,7 +285,7 @@ def _fmt(r):
 
 def table(results, case) -> list[str]:
     methods = METHODS[case]
-    lines = [f"| N | mode | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    lines = ["| N | mode | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     by = {(r["n"], r["mode"], r["method"]): r for r in results if r["case"] == case}
     for n in sorted({k[0] for k in by}):
         for mode in ("fwd", "fwd+bwd"):
@@ -306,7 +306,7 @@ def main(argv=None) -> int:
     if args.one:
         print(json.dumps(measure(*json.loads(args.one))))
         return 0
-    results, notes = [], []
+    results = []
     for case in args.cases:
         for n in args.sizes or SIZES[case]:
             _agree(case, min(n, 4096))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sympy
 
 from ..ir import mask as M
-from ..ir.program import Linear, Nested, Softmax, Stage
+from ..ir.program import Linear, Softmax, Stage
 
 N = sympy.Symbol("N", positive=True)
 
