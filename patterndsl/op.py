@@ -184,6 +184,9 @@ class AttentionOp:
             scale = norm.scale if norm.scale is not None else q.shape[-1] ** -0.5
             return be.softmax(st, q, k, v, scale=scale, key_padding_mask=kpm, runtime=runtime)
         if isinstance(norm, Linear):
+            if q.shape[2] == 0 or k.shape[2] == 0:   # no query, or no key: rows with no key output zeros
+                tied = (q.sum() + k.sum() + v.sum()) * 0   # keeps the graph, so backward gives zero grads
+                return q.new_zeros(*q.shape[:3], v.shape[3]) + tied
             w = self.projection(st, q.shape[-1], q.device, q.dtype)
             return be.linear(st, q, k, v, projection=w, key_padding_mask=kpm)
         c = inputs[NESTED_KEYS]

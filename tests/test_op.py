@@ -150,3 +150,16 @@ def test_head_dim_runtime_ids_backend_mask_size_and_projection_errors():
             projection={"outt": torch.randn(4, 4)})
     _raises("projection= was given, but pattern prog has no random-feature stage", AttentionOp, None, ir,
             projection=torch.randn(4, 4))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("nq,nk", [(0, 0), (3, 0), (0, 3)], ids=["NQ0-NK0", "NQ3-NK0", "NQ0-NK3"])
+def test_linear_stages_with_no_query_or_no_key(causal, nq, nk):
+    for backend in ("reference", "torch"):
+        op = AttentionOp(None, ProgramIR("f", (Stage("out", Linear(Favor(4)), M.CAUSAL if causal else M.FULL),),
+                                         ("out",)), backend=backend)
+        q, k, v = _t(1, 2, nq, 4).requires_grad_(), _t(1, 2, nk, 4).requires_grad_(), _t(1, 2, nk, 4).requires_grad_()
+        out = op(q, k, v)
+        assert out.shape == (1, 2, nq, 4) and not out.abs().sum()
+        out.sum().backward()
+        assert q.grad.shape == q.shape and k.grad.shape == k.shape
