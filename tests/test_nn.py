@@ -148,6 +148,11 @@ def test_layer_errors():
     with pytest.raises(PatternError, match=r"key_padding_mask must be a bool tensor \(2, 5\) \(True = padding\), "
                                            r"got torch.int64 \(2, 5\)"):
         layer(torch.randn(2, 5, 8), key_padding_mask=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(PatternError, match=r"x must have the layer's dtype torch.float32, got torch.float64"):
+        layer(torch.randn(2, 5, 8, dtype=torch.float64))
+    for bad in (2.0, -0.1, True, "0.1"):
+        with pytest.raises(PatternError, match=r"dropout must be a probability in \[0, 1\), got"):
+            Attention(_prog(), 8, 2, dropout=bad)
     with pytest.raises(PatternError, match="parameters window cannot be applied to an IR program"):
         make_op(_prog(), window=4)
     op = AttentionOp(None, _prog(), backend="reference")
