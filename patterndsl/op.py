@@ -113,7 +113,7 @@ class AttentionOp:
         for name in allowed:
             if name not in inputs:
                 raise PatternError(f"pattern {self.name} needs the input '{name}'", hint=self._input_hint(name))
-        from .backends.custom import runtime_ids
+        from .backends.custom import runtime_ids   # not at import time: it loads torch._dynamo (and triton)
         for st in self.ir.stages:
             for name in M.runtime_inputs(st.mask):
                 for ids in runtime_ids(name, inputs, B, q.shape[2], k.shape[2]):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ...ir import mask as M
-from ...plan.layout import block_layout, tile_lists
+from ...plan.layout import band_bounds, block_layout, tile_lists
 from ..custom import runtime_ids
 from .codegen import data_leaves, header_slots, is_band
 
@@ -71,22 +71,11 @@ def tile_classes(mask: M.Mask, n_q: int, n_k: int, bm: int, bn: int, runtime=Non
 
 
 # ------------------------------------------------------------------------------------------ ranges
-def _band_ranges(lo, hi, n_a: int, n_b: int, ba: int, bb: int, sign: int):
-    """For each block of side a (queries if sign > 0, else keys), the range [start, end) of the side-b blocks
-    that meet the band `lo <= i - j <= hi` (None: unbounded)."""
-    a0 = torch.arange(0, n_a, ba, dtype=torch.long)
-    a1 = torch.clamp(a0 + ba, max=n_a) - 1
-    if sign > 0:   # rows: j in [i - hi, i - lo]
-        b_min = a0 - hi if hi is not None else torch.zeros_like(a0)
-        b_max = a1 - lo if lo is not None else torch.full_like(a0, n_b - 1)
-    else:          # columns: i in [j + lo, j + hi]
-        b_min = a0 + lo if lo is not None else torch.zeros_like(a0)
-        b_max = a1 + hi if hi is not None else torch.full_like(a0, n_b - 1)
-    b_min, b_max = b_min.clamp(min=0), b_max.clamp(max=n_b - 1)
-    ok = b_min <= b_max
-    start = torch.where(ok, b_min // bb, 0)
-    end = torch.where(ok, b_max // bb + 1, 0)
-    return start, end
+def _band_ranges(band: M.Band, n_q: int, n_k: int, bm: int, bn: int, by: str):
+    """Per query block (`by="rows"`) or key block (`by="cols"`), the range [start, end) of the other side's
+    blocks that meet the band: the layout's arithmetic loop bounds, end = start when none do."""
+    first, last = band_bounds(band, n_q, n_k, bm, bn, by)
+    return first, last + 1
 
 
 def _csr(cls: torch.Tensor):
@@ -128,10 +117,10 @@ def _split(starts: torch.Tensor, ends: torch.Tensor, tiles: torch.Tensor, split:
 # -------------------------------------------------------------------------------------------- plans
 def _build(mask, n_q, n_k, bm, bn, split, runtime) -> TilePlan:
     if is_band(mask):
-        lo, hi = (mask.lo, mask.hi) if isinstance(mask, M.Band) else (None, None)
+        band = mask if isinstance(mask, M.Band) else M.Band(None, None, 1)     # `full`: the unbounded band
         none = torch.zeros(0, dtype=torch.long)
-        rows = _split(*_band_ranges(lo, hi, n_q, n_k, bm, bn, +1), none, split)
-        cols = _split(*_band_ranges(lo, hi, n_k, n_q, bn, bm, -1), none, split)
+        rows = _split(*_band_ranges(band, n_q, n_k, bm, bn, "rows"), none, split)
+        cols = _split(*_band_ranges(band, n_q, n_k, bm, bn, "cols"), none, split)
         return TilePlan(bm, bn, n_q, n_k, True, rows, cols)
     cls = tile_classes(mask, n_q, n_k, bm, bn, runtime)
     rows = _split(*_csr(cls), split)
