@@ -1,11 +1,12 @@
 """The nesting limits of expressions, enforced while lark parses (early, at the place they are passed) and after.
 
 Two rules, each with the limit `MAX_DEPTH` (docs/language.md §7):
-- *Open*: at any point of an expression, at most MAX_DEPTH brackets (`( )`, a call's `( )`, a set's `{ }`)
-  and operators (unary `- ~ not`, binary operators waiting for their right operand, `if`) are open.
-  `OpenLevels`, fed every token lark shifts, counts them from lark's value stack in O(1) amortised per
-  token, and stops right nesting (`((((...`, `~~~~...`, `if a then if b then ...`) at the token that opens
-  one too many, long before lark has built a tree.
+- *Open*: at any point of an expression, at most MAX_DEPTH brackets (`( )`, a call's `( )`, a set's `{ }`),
+  unary operators (`- ~ not`) and `if`s are open around it. `OpenLevels`, fed every token lark shifts,
+  counts them from lark's value stack in O(1) amortised per token, and stops right nesting (`((((...`,
+  `~~~~...`, `if a then if b then ...`) at the token that opens one too many, long before lark has built a
+  tree. (Binary operators need no count here: without brackets they nest at most as deep as the precedence
+  table is long.)
 - *Deep*: an expression's tree is at most MAX_DEPTH operators, calls, sets and `if`s deep, after chains
   `a | b | c ...` of one of `| & and or` are balanced (parentheses inside such a chain do not break it), so
   such a chain costs log2 of its length, while a chain of another operator (`a - b - c ...`) costs one level
@@ -26,15 +27,15 @@ ASSOCIATIVE = ("union_op", "inter_op", "or_op", "and_op")   # chains of these ar
 LEVELS = frozenset(ASSOCIATIVE + ("not_op", "cmp_op", "add_op", "sub_op", "mul_op", "neg_op", "inv_op",
                                   "if_expr", "call", "set_lit", "int_set"))
 _CARRIERS = frozenset({"paren", "kwarg"})   # no level of their own, but they hold expressions
-_OPERATORS = frozenset({"CMP", "MULOP", "OR", "AND", "NOT", "VBAR", "AMPERSAND", "PLUS", "MINUS", "TILDE", "IF"})
+_PREFIX = frozenset({"NOT", "TILDE", "IF"})   # and MINUS when it is unary
 _OPEN = frozenset({"LPAR", "LBRACE"})
 _CLOSE = frozenset({"RPAR", "RBRACE"})
-WATCHED = _OPERATORS | _OPEN | _CLOSE | {"PATTERN", "IN"}
+WATCHED = _PREFIX | _OPEN | _CLOSE | {"MINUS", "PATTERN", "IN"}
 _HINT = "split it into named values: NAME = ..."
 
 
 def too_deep(span: Span, open_here: bool = False) -> PatternError:
-    what = "brackets and operators open here" if open_here else "levels deep"
+    what = "brackets, unary operators and ifs open here" if open_here else "levels deep"
     return PatternError(f"expression nested too deeply: more than {MAX_DEPTH} {what}", span, hint=_HINT)
 
 
@@ -45,9 +46,10 @@ def _token_span(tok: Token) -> Span:
 class OpenLevels:
     """Counts the levels open around the last token lark shifted.
 
-    Every token that opens a level (an operator, `if`, an opening bracket) adds one and every closing bracket
-    takes one away, for as long as the token sits on lark's value stack (a reduction removes it). The
-    brackets of a pattern's parameter list, its body and a parameter's `in {...}` choices are no levels."""
+    Every token that opens a level (an opening bracket, a unary operator, `if`) adds one and every closing
+    bracket takes one away, for as long as the token sits on lark's value stack (a reduction removes it).
+    The brackets of a pattern's parameter list, its body and a parameter's `in {...}` choices are no
+    levels. A `-` is unary when no operand (a reduced tree) sits below it on the stack."""
 
     def __init__(self):
         self.marks: list[tuple[int, Token, int]] = []   # (stack index, token, level after it), bottom first
@@ -65,6 +67,8 @@ class OpenLevels:
             marks.pop()
         base = marks[-1][2] if marks else 0
         delta = self._delta(tok)
+        if tok.type == "MINUS" and top and isinstance(value_stack[top - 1], Tree):
+            delta = 0   # binary minus
         self.level = base + delta
         if delta:
             marks.append((top, tok, self.level))
@@ -89,7 +93,7 @@ class OpenLevels:
             counted = self.brackets.pop() if self.brackets else False
             self.after_header = kind == "RPAR" and not counted and not self.brackets
             return -1 if counted else 0
-        return 1 if kind in _OPERATORS else 0
+        return 1 if kind in _PREFIX or kind == "MINUS" else 0
 
 
 class Node(Tree):

@@ -15,8 +15,11 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from ..errors import PatternError, Source, Span, did_you_mean
 from . import ast
-from .limits import float_literal, int_literal
+from .limits import INT_LIMIT, float_literal, int_literal
 from .nesting import WATCHED, Node, OpenLevels, check_depth, rebalance
+
+
+_DIGITS = re.compile(r"[0-9]+")
 
 
 @functools.lru_cache(maxsize=1)
@@ -140,16 +143,15 @@ class _Build:
 
     def int_set(self, meta, items):
         """`{0, 5, 9}` lexed as one token: its elements, each with its own span."""
-        tok = items[0]
-        line, line_start = tok.line, -(tok.column - 1)   # offset in the token where the current line starts
-        nums = []
-        for m in re.finditer(r"[0-9]+|\n", tok.value):
-            if m.group() == "\n":
-                line, line_start = line + 1, m.end()
-                continue
-            col = m.start() - line_start + 1
-            span = Span(line, col, line, col + len(m.group()))
-            nums.append(ast.Num(int_literal(m.group(), span), span))
+        tok, nums = items[0], []
+        short = len(str(INT_LIMIT)) - 1   # digits that are surely below the limit
+        for k, text in enumerate(tok.value.split("\n")):
+            line, shift = tok.line + k, (tok.column if k == 0 else 1)
+            for m in _DIGITS.finditer(text):
+                a, b = m.span()
+                span = Span(line, a + shift, line, b + shift)
+                digits = m.group()
+                nums.append(ast.Num(int(digits) if b - a <= short else int_literal(digits, span), span))
         return ast.SetLit(tuple(nums), _span(tok))
 
     def paren(self, meta, items):
