@@ -15,7 +15,7 @@ def _rand(*shape, seed=0):
 
 
 def _equations(q, k, v, p, c, kpm):
-    """DESIGN.md §3, one (batch, head, t) at a time; softplus with beta = ln 2 is log2(1 + 2^x)."""
+    """docs/language.md §5.3, one (batch, head, t) at a time; softplus with beta = ln 2 is log2(1 + 2^x)."""
     B, H, N, D = q.shape
     out = torch.zeros(B, H, N, v.shape[-1], dtype=q.dtype)
     for b in range(B):

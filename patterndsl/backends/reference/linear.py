@@ -1,4 +1,4 @@
-"""Reference linear attention (FAVOR+, relu, elu1), bidirectional and causal, per DESIGN.md §3.
+"""Reference linear attention (FAVOR+, relu, elu1), bidirectional and causal, per docs/language.md §5.2.
 
 Bidirectional: `out = phi(Q) (phi(K)^T V) / (phi(Q) phi(K)^T 1)`.
 

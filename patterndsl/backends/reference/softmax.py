@@ -1,4 +1,4 @@
-"""Reference softmax attention: the dense math of DESIGN.md §3, float64-capable and obviously correct.
+"""Reference softmax attention: the dense math of docs/language.md §5.1, float64-capable and obviously correct.
 
 `out[i] = sum_j softmax_j(scale * q[i].k[j] | M(i, j)) v[j]`; a row with no allowed key outputs zeros and
 has log-sum-exp -inf, never NaN (in values and in gradients).

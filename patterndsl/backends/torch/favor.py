@@ -1,6 +1,6 @@
 """Bidirectional FAVOR+ in torch ops with a hand-written backward: features are formed in place, never saved.
 
-The function is the reference's (`backends/reference/linear.py`, DESIGN.md §3). With `x' = x d^-1/4`,
+The function is the reference's (`backends/reference/linear.py`, docs/language.md §5.2). With `x' = x d^-1/4`,
 `u = x' W^T`, `a = u - |x'|^2 / 2`, the query stabiliser `c_t = max_f u_tf` and the key stabiliser
 `c = max_{valid j, f} u_jf`, let `E = exp(a - c)` (zero on padded keys) and `P = E + eps`. The factor
 `m^-1/2` of both feature maps cancels in the ratio, so
