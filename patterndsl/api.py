@@ -180,6 +180,19 @@ def resolve(program) -> Program:
     raise PatternError(f"expected a Program, a built-in name, .attn text or a path, got {type(program).__name__}")
 
 
+def require_triton() -> None:
+    """A PatternError unless the optional `triton` package can be imported (it is not imported here)."""
+    import importlib.util
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise PatternError("the Triton backend needs the triton package, which is not installed",
+                           hint="pip install 'patterndsl[triton]' (CUDA builds of torch include it), "
+                                "or use backend='torch' or 'auto'")
+
+
 def compile(program, backend: str = "auto", **params):
     """Compile a program to an `AttentionOp`; keyword parameters override the pattern's defaults.
 
@@ -189,6 +202,8 @@ def compile(program, backend: str = "auto", **params):
     stages). Errors name the bad parameter and point into the source.
     """
     from .op import AttentionOp, OP_OPTIONS
+    if backend == "triton":
+        require_triton()
     prog = resolve(program)
     options = {k: params.pop(k) for k in list(params) if k in OP_OPTIONS}
     return AttentionOp(prog, prog.lower(**params), backend=backend, **options)
