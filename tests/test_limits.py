@@ -194,6 +194,15 @@ def test_nesting_limit_holds_inside_parameters_sets_and_heads():
         assert "nested too deeply" in e.message and (e.line, e.column) == (1, col), (text[:40], str(e))
 
 
+def test_the_balanced_tree_is_measured_exactly():
+    """Balancing a chain puts its operands under log2(n) levels: 199 complements under a 4-term union are
+    201 deep, which only the exact top-down measure after balancing sees (at the 199th `~`)."""
+    e = refused(HEAD + "full | full | full | " + "~" * 199 + "full }")
+    assert e.message == "expression nested too deeply: more than 200 levels deep"
+    assert (e.line, e.column) == (1, 56 + 198)
+    assert pd.parse(HEAD + "full | full | " + "~" * 199 + "full }") is not None   # 1 + 199 levels
+
+
 def test_chains_of_associative_operators_are_balanced():
     chain = " | ".join(f"cols({{{k}}})" for k in range(3000))
     assert where(chain) == M.cols(set(range(3000)))
