@@ -58,7 +58,8 @@ MASKS = {
     "sliding(2, 2) | global({0, 5})": lambda i, j: (abs(i - j) <= 4 and (i - j) % 2 == 0) or i in (0, 5) or j in (0, 5),
     "causal": lambda i, j: j <= i,
     "rows({1, 3})": lambda i, j: i in (1, 3),
-    "where(abs(i // 3 - j // 3) <= 1 and (i + j) % 2 == 0)": lambda i, j: abs(i // 3 - j // 3) <= 1 and (i + j) % 2 == 0,
+    "where(abs(i // 3 - j // 3) <= 1 and (i + j) % 2 == 0)":
+        lambda i, j: abs(i // 3 - j // 3) <= 1 and (i + j) % 2 == 0,
 }
 
 
@@ -221,7 +222,8 @@ doc("| a tensor param `p` | `p` (expanded to `[B, H, l, D]`) | `p` for both (no 
 doc("| a named stage `s` | `s`'s output | `s`'s output for both (no padding); its head dim must be `D` |")
 doc("`luna` is two stages: `packed = attend softmax query p keys input` (the `l` packed queries attend to the")
 doc("packed context, used as keys and values); it returns `(out, packed)`.")
-doc("| `key_padding_mask` | `[B, N_k]` bool | True = padding: that key is removed from every stage that reads keys from `input` |")
+doc("| `key_padding_mask` | `[B, N_k]` bool | True = padding: that key is removed from every stage that reads "
+    "keys from `input` |")
 
 
 def test_luna():
