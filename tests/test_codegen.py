@@ -16,7 +16,9 @@ from patterndsl.ir.dense import dense_mask  # noqa: E402
 from patterndsl.ir.program import Favor, Linear, ProgramIR, Softmax, Stage  # noqa: E402
 from patterndsl.backends.triton import BACKEND  # noqa: E402
 from patterndsl.backends.triton.codegen import emit_program, mask_module  # noqa: E402
-from patterndsl.backends.triton.tiles import build_aux, make_plan, tile_classes  # noqa: E402
+from patterndsl.backends.triton.tiles import build_aux, make_tile_plan  # noqa: E402
+from patterndsl.plan.layout import tile_layout  # noqa: E402
+from patterndsl.plan.schedule import tile_classes  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs CUDA or TRITON_INTERPRET=1")
@@ -31,9 +33,10 @@ def _grid_kernel(OUT, AUX, N_Q, N_K, b, mask_tile: tl.constexpr, BM: tl.constexp
     tl.store(OUT + i * BN + j, ok.to(tl.int32))
 
 
-def _generated(mask, n_q, n_k, runtime=None, batch=0):
-    n_batch = next(iter(runtime.values())).shape[0] if runtime else 1
-    aux = build_aux(mask, n_q, n_k, n_batch, runtime, DEV)
+def _generated(mask, n_q, n_k, runtime=None, batch=0, q_offset=0):
+    ids = next(iter(runtime.values())) if runtime else None
+    n_batch = (ids[0] if isinstance(ids, tuple) else ids).shape[0] if runtime else 1
+    aux = build_aux(mask, n_q, n_k, n_batch, runtime, DEV, q_offset=q_offset)
     out = torch.zeros(64, 64, dtype=torch.int32, device=DEV)
     _grid_kernel[(1,)](out, aux, n_q, n_k, batch, mask_tile=mask_module(mask).mask_tile, BM=64, BN=64)
     return out[:n_q, :n_k].bool().cpu()
@@ -106,10 +109,13 @@ def _dense_classes(mask, n_q, n_k, bm, bn):
 @pytest.mark.parametrize("mask", [M.CAUSAL, M.sliding(5), M.window(40, -3), M.FULL], ids=str)
 def test_band_tile_classes_match_dense(mask):
     n_q, n_k, bm, bn = 70, 53, 16, 16
-    plan = make_plan(mask, n_q, n_k, bm, bn, split=1000)
+    plan = make_tile_plan(mask, n_q, n_k, bm, bn, split=1000)
     dense = _dense_classes(mask, n_q, n_k, bm, bn)
     dense[:, -1] = dense[:, -1].clamp(max=1)          # the ragged key edge is always bound-checked
-    assert torch.equal(dense, tile_classes(mask, n_q, n_k, bm, bn))
+    layout = tile_layout(mask, n_q, n_k, bm, bn)
+    kernel = torch.zeros_like(dense)
+    kernel[layout.row_ids(), layout.col_idx] = tile_classes(layout)
+    assert torch.equal(dense, kernel)
     walked = torch.zeros_like(dense, dtype=torch.bool)
     for qb, start, end, _ in plan.rows.work.tolist():
         walked[qb, start:end] = True

@@ -26,7 +26,7 @@ from ..custom import flatten_ids, register, register_softmax_autograd, spec, unf
 from .codegen import mask_module
 from .softmax_bwd import softmax_bwd
 from .softmax_fwd import softmax_fwd
-from .tiles import build_aux, make_plan
+from .tiles import build_aux, make_tile_plan
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
@@ -42,7 +42,7 @@ def default_blocks(head_dim: int, device: torch.device) -> tuple[int, int, int]:
 def _prepare(q, k, key, ids):
     _, mask, bm, bn, split, warps = spec(key)
     runtime = unflatten_ids(mask, ids)
-    plan = make_plan(mask, q.shape[2], k.shape[2], bm, bn, split, runtime, q.device)
+    plan = make_tile_plan(mask, q.shape[2], k.shape[2], bm, bn, split, runtime, q.device)
     aux = build_aux(mask, q.shape[2], k.shape[2], q.shape[0], runtime, q.device)
     return plan, mask_module(mask), aux, warps
 
