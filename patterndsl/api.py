@@ -74,8 +74,6 @@ def _parse_cached(text: str, name: str) -> tuple[Program, ...]:
                 lower(prog.pattern, {})
     except PatternError as e:
         raise e.with_source(source) from None
-    except RecursionError:
-        raise PatternError("program nested too deeply", source=source) from None
     return programs
 
 
