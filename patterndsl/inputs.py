@@ -6,7 +6,7 @@ each mistake has one message wherever it is caught.
 >>> check_key_padding_mask(torch.zeros(2, 4, dtype=torch.bool), 2, 5)
 Traceback (most recent call last):
 ...
-patterndsl.errors.PatternError: key_padding_mask must be [2, 5] (batch, keys), got [2, 4]
+patterndsl.errors.PatternError: error: key_padding_mask must be [2, 5] (batch, keys), got [2, 4]
 """
 from __future__ import annotations
 
