@@ -148,14 +148,15 @@ def test_emit_sanitises_names():
         ["triton", "triton.language"]
 
 
-def test_emit_rejects_bad_constexprs():
+@pytest.mark.parametrize("constexprs,message", [
+    (dict(BLOCK_K=64), "unknown constexpr 'BLOCK_K'"),
+    (dict(BLOCK_M=48), "BLOCK_M must be a power of two >= 16, got 48"),
+    (dict(num_warps=0), "num_warps must be an int >= 1, got 0"),
+], ids=["unknown-name", "block-48", "warps-0"])
+def test_emit_rejects_bad_constexprs(constexprs, message):
     ir = ProgramIR("p", (Stage("s", Softmax(), M.CAUSAL),), ("s",))
-    with pytest.raises(PatternError, match="unknown constexpr 'BLOCK_K'"):
-        emit_program(ir, BLOCK_K=64)
-    with pytest.raises(PatternError, match="BLOCK_M must be a power of two >= 16, got 48"):
-        emit_program(ir, BLOCK_M=48)
-    with pytest.raises(PatternError, match="num_warps must be an int >= 1, got 0"):
-        emit_program(ir, num_warps=0)
+    with pytest.raises(PatternError, match=message):
+        emit_program(ir, **constexprs)
 
 
 def test_supports_needs_cuda_or_interpreter(monkeypatch):

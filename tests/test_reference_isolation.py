@@ -10,7 +10,7 @@ import torch
 from helpers import assert_close
 from patterndsl.backends.reference.features import draw_projection
 from patterndsl.backends.reference.linear import linear_attention
-from patterndsl.backends.reference.nested import nested_causal_attention
+from patterndsl.backends.reference.nested import nested_attention
 from patterndsl.backends.reference.softmax import softmax_attention
 from patterndsl.ir import mask as M
 from patterndsl.ir.dense import dense_mask
@@ -109,7 +109,7 @@ def test_nested(case, poison):
     keys = slice(None) if kpm is not None else []
 
     def fn(a, b, c_, p_, pack):
-        return nested_causal_attention(a, b, c_, p_, pack, key_padding_mask=kpm)
+        return nested_attention(a, b, c_, p_, pack, key_padding_mask=kpm)
     clean = (q, k, v, p, c)
     _compare(fn, clean, _poison(clean, (1, 2, 4), POISONS[poison]), rows,
              {"out": rows, "dq": rows, "dk": keys, "dv": keys, "dp": slice(None) if kpm is not None else [],

@@ -84,7 +84,7 @@ def test_matches_definition_B2_H2_N70_D8(fm, causal):
     w = _proj(fm, D)
     got = L.linear_attention(q, k, v, fm, w, causal=causal, key_padding_mask=kpm)
     want = _definition(q, k, v, fm, w, causal, kpm)
-    assert (got - want).abs().max() < 1e-12
+    assert_close("out", got, want, atol=1e-12)
     assert got.dtype == F64
 
 
@@ -95,7 +95,7 @@ def test_causal_different_lengths(n_q, n_k):
     w = _proj(fm, 4)
     got = L.linear_attention(q, k, v, fm, w, causal=True)
     want = _definition(q, k, v, fm, w, True, torch.zeros(1, n_k, dtype=torch.bool))
-    assert (got - want).abs().max() < 1e-12
+    assert_close("out", got, want, atol=1e-12)
 
 
 @pytest.mark.parametrize("fm", [FMS["favor"], FMS["relu"]], ids=["favor", "relu"])
@@ -108,7 +108,7 @@ def test_causal_does_not_read_the_future_B2_H2_N150_D8(fm):
     v2[:, :, t0:] += 3
     before = L.linear_attention(q, k, v, fm, w, causal=True)
     after = L.linear_attention(q, k2, v2, fm, w, causal=True)
-    assert (before[:, :, :t0] - after[:, :, :t0]).abs().max() <= 1e-12
+    assert_close("rows before t0", before[:, :, :t0], after[:, :, :t0], atol=1e-12)
     assert (before[:, :, t0:] - after[:, :, t0:]).abs().max() > 1e-3
 
 
@@ -131,7 +131,7 @@ def test_large_inputs_do_not_overflow_fp32():
     out = L.linear_attention(q, k, v, fm, w, causal=True)
     want = L.linear_attention(q.double(), k.double(), v.double(), fm, w.double(), causal=True)
     assert torch.isfinite(out).all()
-    assert (out.double() - want).abs().max() < 1e-4
+    assert_close("out", out, want, atol=1e-4)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -154,7 +154,7 @@ def test_low_precision_B1_H2_N40_D8(dtype, tol, causal):
     gold = L.linear_attention(q, k, v, fm, w, causal=causal)
     out = L.linear_attention(q.to(dtype), k.to(dtype), v.to(dtype), fm, w.float(), causal=causal)
     assert out.dtype == dtype
-    assert (out.double() - gold).abs().max() < tol
+    assert_close("out", out, gold, atol=tol)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])

@@ -7,7 +7,7 @@ import torch
 from helpers import assert_close
 from patterndsl.backends.reference.features import draw_projection
 from patterndsl.backends.reference.linear import linear_attention as naive_linear
-from patterndsl.backends.reference.nested import nested_causal_attention as naive_nested
+from patterndsl.backends.reference.nested import nested_attention as naive_nested
 from patterndsl.backends.torch.linear_scan import linear_attention
 from patterndsl.backends.torch.nested_scan import nested_attention
 from patterndsl.ir.program import Elu1, Favor, ReluFeatures

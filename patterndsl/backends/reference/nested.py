@@ -30,7 +30,7 @@ BETA = math.log(2.0)
 _LOW = (torch.float16, torch.bfloat16)
 
 
-def nested_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor, c: torch.Tensor,
+def nested_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor, c: torch.Tensor,
                             key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal Luna. q, k, c `[B, H, N, D]`, v `[B, H, N, D_v]`, p `[B, H, l, D]` (packed queries),
     `key_padding_mask` bool `[B, N]` (True = ignored key). Returns `[B, H, N, D_v]` in q's dtype.
