@@ -2,11 +2,14 @@
 
 `logic` (full, empty, |, &, ~ and the normal form), `band` (causal, sliding, window, strided), `index` (rows,
 cols, global), `blocks`, `random`, `same` (runtime ids) and `where` (predicates). A new primitive is one more
-module here: its node class, its constructor and its `BUILDERS` entry for the language.
+module here (found by `FAMILIES`): its node class, its constructor and its `BUILDERS` entry for the language,
+whose spelling (name and arguments) is one entry of the front end's table, `grammar/signatures.py`.
 """
 from __future__ import annotations
 
-from . import band, blocks, index, logic, random, same, where
+import importlib
+import pkgutil
+
 from .band import CAUSAL, Band, band_bounds, sliding, strided, window
 from .band import band as band_mask
 from .base import EMPTY as EMPTY_TILE
@@ -19,7 +22,8 @@ from .random import Random, random_, random_blocks
 from .same import Same
 from .where import Where
 
-FAMILIES = (logic, band, index, blocks, random, same, where)
+FAMILIES = tuple(importlib.import_module(f"{__name__}.{m.name}") for m in pkgutil.iter_modules(__path__)
+                 if m.name != "base")
 BUILDERS: dict[str, Builder] = {name: b for fam in FAMILIES for name, b in getattr(fam, "BUILDERS", {}).items()}
 
 
