@@ -5,6 +5,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -60,6 +62,29 @@ PREDICATES = {
 def test_where_floor_semantics(name):
     mask = M.Where(PREDICATES[name])
     assert torch.equal(_generated(mask, 45, 50), dense_mask(mask, 45, 50))
+
+
+_BIG = st.sampled_from([-5, -3, -1, 0, 1, 2, 7, 1 << 31, -(1 << 31) - 1, 3 << 33])
+
+
+@st.composite
+def _terms(draw, depth=3):
+    """Integer terms over i and j with constants near and beyond int32 (int32 / int64 text, folding)."""
+    if depth == 0 or draw(st.booleans()):
+        return draw(st.sampled_from([P.I, P.J, P.Const(draw(_BIG))]))
+    kind = draw(st.sampled_from(["+", "-", "*", "//", "%", "abs", "min", "max"]))
+    a = draw(_terms(depth=depth - 1))
+    if kind == "abs":
+        return P.Call("abs", (a,))
+    b = draw(_terms(depth=depth - 1))
+    return P.Call(kind, (a, b)) if kind in ("min", "max") else P.Bin(kind, a, b)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from(["<", "<=", ">", ">=", "==", "!="]), _terms(), _terms())
+def test_generated_predicates_equal_the_dense_mask(op, a, b):
+    mask = M.Where(P.Cmp(op, a, b))
+    assert torch.equal(_generated(mask, 37, 29), dense_mask(mask, 37, 29))
 
 
 MASKS = {
@@ -191,7 +216,11 @@ def build(kernel, args, constexprs, num_warps=4):
 
 x, f, i, u = (torch.empty(1, dtype=t) for t in (torch.bfloat16, torch.float32, torch.int32, torch.uint8))
 where = M.Where(P.Cmp("==", P.Bin("%", P.I, P.Bin("+", P.J, P.Const(1))), P.Const(0)))
-for mask, band in ((M.CAUSAL, True), (M.sliding(4) | M.global_({0}) | M.Random(2, 64, 1) | M.Same("s") | where, False)):
+wide = M.Where(P.Logic("or", P.Cmp(">", P.Bin("%", P.Bin("*", P.I, P.J), P.Const(5000000011)),
+                                   P.Bin("//", P.Call("abs", (P.Bin("-", P.I, P.J),)), P.Const(-3))),
+                       P.Cmp("!=", P.Bin("*", P.Call("min", (P.J, P.Const(7))), P.Const(3)), P.Bin("%", P.I, P.Const(5)))))
+for mask, band in ((M.CAUSAL, True), (M.sliding(4) | M.global_({0}) | M.Random(2, 64, 1) | M.Same("s") | where, False),
+                   (wide | M.blocks(16) | M.sliding(3, 2), False)):
     mod = mask_module(mask)
     ce = dict(mask_tile=mod.mask_tile, tile_full=mod.tile_full, BAND=band, HAS_KPM=True, D=128, DV=128,
               BLOCK_M=64, BLOCK_N=32, BLOCK_D=128, BLOCK_DV=128, PREC=None, UPCAST=False)

@@ -179,7 +179,7 @@ def _stage_note(st) -> str:
                 f"{'causal chunked scan' if st.causal else 'non-causal'}: kernels in favor.py (no mask)")
     if isinstance(norm, Nested):
         return f"# stage {name}{heads}: causal Luna through {_doc(norm.packed, 60)}: luna.py (no mask)"
-    mode = "band (arithmetic loop bounds)" if is_band(st.mask) else "tile list from the block layout"
+    mode = "band (arithmetic loop bounds)" if is_band(st.mask) else "tile list from the sparse tile layout"
     return f"# stage {name}{heads}: softmax over {_doc(M.to_source(st.mask), 120)}; tiles: {mode}"
 
 
