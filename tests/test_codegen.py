@@ -55,6 +55,8 @@ PREDICATES = {
     "not-and-const": P.Logic("and", P.Logic("not", P.Cmp(">", P.Call("abs", (P.Bin("-", I, J),)), C(3))),
                              P.Logic("or", C(True), P.Cmp("==", I, C(0)))),
     "const-over-index": P.Cmp(">=", P.Bin("%", C(-17), P.Bin("+", J, C(1))), P.Bin("//", I, C(-5))),
+    "numbers-as-conditions": P.Logic("or", P.Logic("and", P.Bin("%", I, C(3)), P.Logic("not", P.Bin("%", J, C(2)))),
+                                     P.Bin("-", I, P.Bin("+", J, C(9)))),
 }
 
 

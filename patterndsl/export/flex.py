@@ -84,6 +84,7 @@ class FlexOps:
                 "==": torch.eq, "!=": torch.ne}[op](a, b)
 
     def logic(self, op, a, b=None):
+        a, b = _cond(a), _cond(b)
         if op == "not":
             return (not a) if not isinstance(a, torch.Tensor) else ~a
         for x, y in ((a, b), (b, a)):  # fold a constant side
@@ -123,6 +124,13 @@ class FlexOps:
         if side == "q":
             return q_ids[self.b, torch.clamp(x - self.q_offset, 0, q_ids.shape[1] - 1)]
         return k_ids[self.b, torch.clamp(x, 0, k_ids.shape[1] - 1)]
+
+
+def _cond(x):
+    """x as a condition: a number is true where it is not 0 (as in Python)."""
+    if isinstance(x, torch.Tensor):
+        return x if x.dtype == torch.bool else x != 0
+    return x if x is None else bool(x)
 
 
 def _bool(value, q, kv):

@@ -29,13 +29,15 @@ I32_MIN, I32_MAX = -(1 << 31), (1 << 31) - 1
 @dataclass(frozen=True)
 class Code:
     """A fragment of Triton text: its value if it is a compile-time constant, bounds of its value (None:
-    unknown), whether the text is int64, and for `x % d` a truncated remainder with the same zero test."""
+    unknown), whether the text is int64, for `x % d` a truncated remainder with the same zero test, and
+    whether it is a condition (int1) rather than a number."""
     text: str
     const: int | bool | None = None
     lo: int | None = None
     hi: int | None = None
     wide: bool = False
     zero: str | None = None
+    boolean: bool = False
 
     @property
     def nonneg(self) -> bool:
@@ -44,7 +46,7 @@ class Code:
 
 I = Code("ia", lo=0, hi=I32_MAX)    # the absolute query position (row i of the call + the query offset)
 J = Code("j", lo=0, hi=I32_MAX)
-_BOOL = dict(lo=0, hi=1)
+_BOOL = dict(lo=0, hi=1, boolean=True)
 _NAMES64 = {"ia": "i64", "j": "j64"}
 
 
@@ -63,6 +65,11 @@ def _text(x: Code, wide: bool) -> str:
     if not wide or x.wide or x.const is not None:
         return x.text
     return _NAMES64.get(x.text, f"{x.text}.to(tl.int64)")
+
+
+def _cond(x: Code) -> str:
+    """x as a condition: a number is true where it is not 0 (as in Python)."""
+    return x.text if x.boolean else f"({x.text} != 0)"
 
 
 def _arith_bounds(op, a: Code, b: Code):
@@ -195,13 +202,13 @@ class TritonOps:
 
     def logic(self, op, a: Code, b: Code | None = None) -> Code:
         if op == "not":
-            return _c(not a.const) if a.const is not None else Code(f"(~{a.text})", **_BOOL)
+            return _c(not a.const) if a.const is not None else Code(f"(~{_cond(a)})", **_BOOL)
         for x, y in ((a, b), (b, a)):
             if x.const is not None:
                 if bool(x.const) == (op == "and"):
-                    return y           # true and y, false or y
+                    return y if y.boolean or y.const is not None else Code(_cond(y), **_BOOL)  # true and y
                 return _c(op == "or")  # false and y, true or y
-        return Code(f"({a.text} {'&' if op == 'and' else '|'} {b.text})", **_BOOL)
+        return Code(f"({_cond(a)} {'&' if op == 'and' else '|'} {_cond(b)})", **_BOOL)
 
     # ------------------------------------------------------------------------------------------ data
     def member(self, x: Code, idx: frozenset, side: str) -> Code:
