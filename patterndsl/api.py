@@ -94,7 +94,7 @@ def _parse_cached(text: str, name: str) -> tuple[Program, ...]:
                 lower(prog.pattern, {})
     except PatternError as e:
         raise _in_context(e, source) from None
-    except RecursionError:  # a safety net: the nesting limits keep every pass far from Python's stack limit
+    except RecursionError:  # the one catch, at the public entry: the nesting limits keep passes far from it
         raise PatternError("program nested too deeply", source=source) from None
     return programs
 
