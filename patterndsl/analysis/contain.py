@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import PatternError
 from ..ir import mask as M
 from ..plan.points import mask_at
 from .bounded import first_missing
@@ -30,6 +31,7 @@ from .cases import BUDGET, TooMany, witnesses
 from .primitives import profile, substitute
 
 DEFAULT_BOUND = 1024
+MAX_BOUND = 1 << 16    # bounded checks visit tile layouts up to this N
 MAX_ATOMS = 4          # free leaves enumerated (2^k assignments)
 MINIMISE_UP_TO = 8192  # a witness pair with N above this is reported as found, not minimised
 SMALL_SIZES = 64       # masks that read N (random) are checked at every N up to this, then at powers of two
@@ -146,6 +148,14 @@ def bounded_inclusion(a: M.Mask, b: M.Mask, bound: int, reason: str | None = Non
                 pair = Pair(*hit, n if reads_n else max(hit) + 1, _assumption(values))
                 return Inclusion(False, pair, True, shown, reason)
     return Inclusion(True, None, False, shown, reason)
+
+
+def check_bound(bound) -> int:
+    """The bound of bounded checks: an int in 1..MAX_BOUND, else a PatternError."""
+    if not isinstance(bound, int) or isinstance(bound, bool) or not 1 <= bound <= MAX_BOUND:
+        raise PatternError(f"the bound N of bounded checks must be an int in 1..{MAX_BOUND}, got {bound!r}",
+                           hint="most comparisons are proved for every N; the bound only serves the rest")
+    return bound
 
 
 def inclusion(a: M.Mask, b: M.Mask, bound: int = DEFAULT_BOUND) -> Inclusion:

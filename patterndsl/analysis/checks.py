@@ -20,7 +20,7 @@ from ..errors import PatternError
 from ..ir import mask as M
 from ..ir.program import INPUT, ProgramIR, Softmax, Stage
 from ..plan.cost import pairs
-from .contain import DEFAULT_BOUND, Inclusion, inclusion
+from .contain import DEFAULT_BOUND, Inclusion, check_bound, inclusion
 from .counting import N, QuasiPoly, TileCounts, pair_count, tile_counts
 from .rows import EmptyRows, empty_rows
 from .subjects import subject
@@ -151,6 +151,9 @@ def _flow(ir: ProgramIR, per: dict) -> tuple[bool, str]:
 
 def program_properties(ir: ProgramIR, bound: int = DEFAULT_BOUND, block: int = 64) -> Properties:
     """Properties of a lowered program (see `Properties`)."""
+    check_bound(bound)
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        raise PatternError(f"the tile size must be an int >= 1, got {block!r}")
     per = {}
     for k, st in enumerate(ir.stages):
         positional = _rows_of(ir, st.query) == INPUT and _rows_of(ir, st.keys) == INPUT
@@ -172,6 +175,4 @@ def properties(program, bound: int = DEFAULT_BOUND, block: int = 64, **params) -
     ir = subject(program, params or None)
     if isinstance(ir, M.Mask):
         ir = ProgramIR("mask", (Stage("mask", Softmax(), ir),), ("mask",))
-    if not isinstance(bound, int) or bound < 1:
-        raise PatternError(f"the bound must be an int N >= 1, got {bound!r}")
     return program_properties(ir, bound, block)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from ..errors import PatternError
 from ..ir import mask as M
 from ..ir.program import INPUT, Nested, ProgramIR, Stage
-from .contain import DEFAULT_BOUND, Inclusion, inclusion
+from .contain import DEFAULT_BOUND, Inclusion, check_bound, inclusion
 from .subjects import describe, subject
 
 VERDICTS = ("equal", "A within B", "B within A", "neither")
@@ -190,8 +190,7 @@ def compare(a, b, bound: int = DEFAULT_BOUND, params_a: dict | None = None,
     """Compare two patterns: masks, mask expressions (`"sliding(2) | causal"`), programs (anything
     `pd.compile` takes), ops or IR. Decided for every N where the closed forms allow, otherwise checked on
     tile layouts for every N up to `bound`; see `Comparison`."""
-    if not isinstance(bound, int) or isinstance(bound, bool) or bound < 1:
-        raise PatternError(f"the bound must be an int N >= 1, got {bound!r}")
+    check_bound(bound)
     sa, sb = subject(a, params_a), subject(b, params_b)
     parts = []
     for label, ma, mb in _parts(sa, sb):
