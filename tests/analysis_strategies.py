@@ -73,3 +73,31 @@ def analysis_masks(draw, depth=2, free=True):
         return ~a
     b = draw(analysis_masks(depth=depth - 1, free=free))
     return a | b if op == "|" else a & b if op == "&" else a - b
+
+
+def _scaled_pred(p, k):
+    if isinstance(p, P.Const) and not isinstance(p.value, bool):
+        return P.Const(p.value * k)
+    if isinstance(p, (P.Var, P.Const)):
+        return p
+    if isinstance(p, P.Call):
+        return P.Call(p.func, tuple(_scaled_pred(a, k) for a in p.args))
+    return type(p)(p.op, _scaled_pred(p.a, k), None if p.b is None else _scaled_pred(p.b, k))
+
+
+def scaled(m, k):
+    """`m` with every constant (band bounds, indices, block sizes, predicate constants) times k: the same
+    shapes, k times further from the origin, to test that proofs see past small sizes."""
+    from patterndsl.analysis.primitives import rebuild
+
+    def leaf(x):
+        if isinstance(x, M.Band):
+            return M.band(None if x.lo is None else x.lo * k, None if x.hi is None else x.hi * k, x.step)
+        if isinstance(x, (M.Rows, M.Cols)):
+            return type(x)(frozenset(i * k for i in x.idx))
+        if isinstance(x, M.Blocks):
+            return M.blocks(x.size * k)
+        if isinstance(x, M.Where):
+            return M.Where(_scaled_pred(x.pred, k))
+        return None
+    return rebuild(m, leaf)

@@ -132,6 +132,18 @@ def _shape(st: Stage, ir: ProgramIR):
     return norm, _role(ir, st.query), _role(ir, st.keys)
 
 
+def _source(role, name: str) -> str:
+    if role == "input":
+        return "the input"
+    return f"param {name}[{role[1]}]" if role[0] == "param" else f"stage {name}"
+
+
+def _what(st: Stage) -> str:
+    """A stage without its mask, name or heads: `attend softmax query input keys input`."""
+    text = st.describe().split(" = ", 1)[1].split(" over ")[0]
+    return text.replace(" query input keys input", "")
+
+
 def _label(st: Stage, k: int) -> str:
     return f"stage {k + 1}" if st.name.startswith("_") else f"stage {st.name}"
 
@@ -140,8 +152,13 @@ def _stage_parts(a: ProgramIR, b: ProgramIR):
     if len(a.stages) != len(b.stages):
         raise _mismatch(a, b, f"{len(a.stages)} stage(s) against {len(b.stages)}")
     for k, (sa, sb) in enumerate(zip(a.stages, b.stages)):
-        if _shape(sa, a) != _shape(sb, b):
-            raise _mismatch(a, b, f"{_label(sa, k)} is `{sa.describe()}`, but `{sb.describe()}`")
+        (na, qa, ka), (nb, qb, kb) = _shape(sa, a), _shape(sb, b)
+        if na != nb:
+            raise _mismatch(a, b, f"{_label(sa, k)} is `{_what(sa)}` in {a.name}, `{_what(sb)}` in {b.name}")
+        for role, x, y, src_a, src_b in (("queries", qa, qb, sa.query, sb.query), ("keys", ka, kb, sa.keys, sb.keys)):
+            if x != y:
+                raise _mismatch(a, b, f"{_label(sa, k)} reads {role} from {_source(x, src_a)} in {a.name}, "
+                                      f"from {_source(y, src_b)} in {b.name}")
     if [_role(a, o) for o in a.outputs] != [_role(b, o) for o in b.outputs]:
         raise _mismatch(a, b, "they return different stages")
     return [(_label(sa, k), sa.mask, sb.mask) for k, (sa, sb) in enumerate(zip(a.stages, b.stages))]
@@ -171,7 +188,7 @@ def _head_parts(a: ProgramIR, b: ProgramIR):
         sa = next(s for s0, s1, s in ha if s0 <= h0 < s1)
         sb = next(s for s0, s1, s in hb if s0 <= h0 < s1)
         if _shape(sa, a)[0] != _shape(sb, b)[0]:
-            raise _mismatch(a, b, f"heads[{h0}:{h1}] are `{sa.describe()}`, but `{sb.describe()}`")
+            raise _mismatch(a, b, f"heads[{h0}:{h1}] are `{_what(sa)}` in {a.name}, `{_what(sb)}` in {b.name}")
         parts.append((f"heads[{h0}:{h1}]", sa.mask, sb.mask))
     return parts
 

@@ -32,6 +32,7 @@ from .intervals import merge, to_bits
 from .subjects import describe, subject
 
 DEFAULT_MAX_DEPTH = 4096
+MAX_N = 1 << 24           # fields are bool vectors and runs of N tokens
 
 
 # ---------------------------------------------------------------------------------------------- relations
@@ -103,13 +104,19 @@ def layer_relation(x, residual: bool = True):
 
 
 def _single_band(rel) -> M.Band | None:
-    """The band of a layer that is exactly `itself | band` (or a band holding the diagonal)."""
+    """The band of a layer that is exactly `itself | band` (or a band holding the diagonal), when its
+    backward offsets leave no gap after the diagonal (so `band_depth` applies)."""
+    band = _one_band(rel)
+    return band if band is not None and (band.lo is None or band.lo <= band.step) else None
+
+
+def _one_band(rel) -> M.Band | None:
     if isinstance(rel, Hop) and isinstance(rel.mask, M.Band) and isinstance(rel.then, Identity) and rel.keys is None:
         return rel.mask
     if isinstance(rel, AnyOf):
         hops = [p for p in rel.parts if not isinstance(p, Identity)]
         if len(hops) == 1 and len(rel.parts) >= 1:
-            inner = _single_band(hops[0])
+            inner = _one_band(hops[0])
             if isinstance(hops[0], AnyOf) and inner is not None:
                 return inner
             return inner if isinstance(hops[0], Hop) else None
@@ -117,11 +124,15 @@ def _single_band(rel) -> M.Band | None:
 
 
 def band_depth(band: M.Band, q: int) -> int | None:
-    """Layers of `itself | band` after which position q reads token 0 (None: never), in closed form."""
+    """Layers of `itself | band` after which position q reads token 0 (None: never), in closed form, for a
+    band whose backward offsets start at most one step from the diagonal (lo <= step): each layer moves
+    back by at most `hi` on the lattice of the step, and every multiple of the step up to `hi` is one move."""
     s = band.step
+    if band.lo is not None and band.lo > s:
+        raise ValueError(f"band_depth needs lo <= step, got {band}")
     if q == 0:
         return 0
-    if q % s or (band.hi is not None and band.hi < s) or (band.lo is not None and band.lo > s):
+    if q % s or (band.hi is not None and band.hi < s):
         return None
     return 1 if band.hi is None else -(-q // band.hi)
 
@@ -239,8 +250,8 @@ def reach(patterns, layers: int | None = None, n: int = 4096, query: int | None 
     (repeated) or one per layer; each a mask, a mask expression, or a program (anything `pd.compile` takes),
     with `params` overriding program parameters. `runtime` gives ids for `same(...)` masks ([1, N] or [N])."""
     subjects, layers = _layers(patterns, layers, params or None)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise PatternError(f"the sequence length N must be an int >= 1, got {n!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+        raise PatternError(f"the sequence length N must be an int in 1..{MAX_N}, got {n!r}")
     query = n - 1 if query is None else query
     if not isinstance(query, int) or not 0 <= query < n:
         raise PatternError(f"the query must be a token index in 0..{n - 1}, got {query!r}")
