@@ -130,3 +130,12 @@ def test_property_errors(call, message):
     with pytest.raises(pd.PatternError) as e:
         call()
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("module", ["affine", "bounded", "cases", "checks", "comparison", "contain", "counting",
+                                    "hops", "intervals", "primitives", "profile", "receptive", "rows", "subjects"])
+def test_doctests(module):
+    import doctest
+    import importlib
+    res = doctest.testmod(importlib.import_module(f"patterndsl.analysis.{module}"))
+    assert res.attempted > 0 and res.failed == 0

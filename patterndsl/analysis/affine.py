@@ -197,14 +197,6 @@ def _capped(forms: list[Form]) -> list[Form]:
 
 
 # ------------------------------------------------------------------------------------------------ atoms
-def _floor(x: Fraction) -> int:
-    return math.floor(x)
-
-
-def _ceil(x: Fraction) -> int:
-    return math.ceil(x)
-
-
 def atom_profile(f: Form) -> Profile:
     """What one comparison `f ? 0` contributes: a zone of d, a window of rows or columns, a period."""
     periodic = Profile(period=f.period) if f.d_only else Profile(mixed=f.period)
@@ -212,11 +204,11 @@ def atom_profile(f: Form) -> Profile:
         return periodic
     if f.a + f.b == 0:           # a*d + p: the sign is fixed once |a*d| outruns p
         t1, t2 = -f.hi / f.a, -f.lo / f.a
-        zone = (_floor(min(t1, t2)) - 1, _ceil(max(t1, t2)) + 1)
+        zone = (math.floor(min(t1, t2)) - 1, math.ceil(max(t1, t2)) + 1)
         return periodic.merge(Profile(zones=(zone,)))
     if f.a == 0 or f.b == 0:     # c*i + p (or c*j + p): fixed beyond a window of rows (columns)
         c = f.a or f.b
-        last = _ceil(max(-f.lo / c, -f.hi / c)) + 1
+        last = math.ceil(max(-f.lo / c, -f.hi / c)) + 1
         window = ((0, last),) if last >= 0 else ()
         return periodic.merge(Profile(rows=window) if f.b == 0 else Profile(cols=window))
     raise Unsupported(f"`{f}` mixes i and j other than through i - j")

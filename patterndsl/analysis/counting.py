@@ -16,6 +16,7 @@ N**2/2 + 1/2 if N is odd, N**2/2 if N is even, for N >= 1
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -152,7 +153,7 @@ def tile_counts(m: M.Mask, block: int = 64) -> TileCounts | None:
     prof, first = _span(m)
     if prof.reason or prof.atoms:
         return None
-    c = prof.cycle // _gcd(prof.cycle, block)
+    c = prof.cycle // math.gcd(prof.cycle, block)
     t_first = -(-first // block) + 1
     t_end = t_first + 4 * c
     if t_end * block > 1 << 22:
@@ -163,8 +164,3 @@ def tile_counts(m: M.Mask, block: int = 64) -> TileCounts | None:
         nonempty[t], full[t] = lay.nnz, int((lay.cls == FULL).sum())
     a, b = _fit(nonempty, T, c, t_first), _fit(full, T, c, t_first)
     return None if a is None or b is None else TileCounts(block, a, b)
-
-
-def _gcd(a: int, b: int) -> int:
-    import math
-    return math.gcd(a, b)

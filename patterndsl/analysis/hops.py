@@ -175,17 +175,20 @@ def _tiles(m: M.Mask, q: torch.Tensor, n_k: int, runtime) -> torch.Tensor:
     return out.flatten()[:n_k]
 
 
+CORE_HOPS = {            # one hop through a primitive, on bool vectors: (mask, queries, n_k) -> keys
+    M.Full: lambda m, q, n_k: torch.full((n_k,), bool(q.any()), dtype=torch.bool),
+    M.Empty: lambda m, q, n_k: torch.zeros(n_k, dtype=torch.bool),
+    M.Band: _band,
+    M.Blocks: _blocks,
+    M.Random: _random,
+}
+
+
 def _core(m: M.Mask, q: torch.Tensor, n_k: int, runtime) -> torch.Tensor:
-    if isinstance(m, M.Full):
-        return torch.full((n_k,), bool(q.any()), dtype=torch.bool)
-    if isinstance(m, M.Empty) or not q.any():
+    if not q.any():
         return torch.zeros(n_k, dtype=torch.bool)
-    if isinstance(m, M.Band):
-        return _band(m, q, n_k)
-    if isinstance(m, M.Blocks):
-        return _blocks(m, q, n_k)
-    if isinstance(m, M.Random):
-        return _random(m, q, n_k)
+    if type(m) in CORE_HOPS:
+        return CORE_HOPS[type(m)](m, q, n_k)
     if isinstance(m, M.Inter) and len(m.parts) == 2 and {type(p) for p in m.parts} == {M.Band, M.Blocks}:
         band, blocks = sorted(m.parts, key=lambda p: isinstance(p, M.Blocks))
         if band.step == 1:
@@ -236,25 +239,29 @@ def image(m: M.Mask, q: torch.Tensor, n_k: int | None = None, runtime: dict | No
     return out
 
 
-def _term_runs(f: M.Mask, start, end, n_q: int, n_k: int):
-    """The keys of one term (already intersected) straight from query runs, or None when it needs bits."""
-    if isinstance(f, (M.Full, M.Empty)):
-        hit = isinstance(f, M.Full) and start.numel() > 0 and n_k > 0
-        return (torch.tensor([0]), torch.tensor([n_k - 1])) if hit else (start[:0], end[:0])
-    if isinstance(f, M.Band):
-        return band_runs(start, end, f.lo, f.hi, f.step, n_k)
-    if isinstance(f, M.Cols):
-        idx = torch.tensor(sorted(x for x in f.idx if x < n_k), dtype=torch.long)
-        return (idx, idx) if start.numel() else (idx[:0], idx[:0])
-    if isinstance(f, M.Rows):
-        idx = torch.tensor(sorted(x for x in f.idx if x < n_q), dtype=torch.long)
-        pos = torch.searchsorted(start, idx, right=True) - 1
-        hit = bool(((pos >= 0) & (end[pos.clamp(min=0)] >= idx)).any()) if start.numel() else False
-        return (torch.tensor([0]), torch.tensor([n_k - 1])) if hit and n_k else (idx[:0], idx[:0])
-    return None
+def _everything(start, n_k: int):
+    return (torch.tensor([0]), torch.tensor([n_k - 1])) if start.numel() and n_k else (start[:0], start[:0])
 
 
-_ON_RUNS = (M.Full, M.Empty, M.Band, M.Rows, M.Cols)
+def _rows_runs(f: M.Rows, start, end, n_q: int, n_k: int):
+    idx = torch.tensor(sorted(x for x in f.idx if x < n_q), dtype=torch.long)
+    pos = torch.searchsorted(start, idx, right=True) - 1
+    hit = start.numel() > 0 and bool(((pos >= 0) & (end[pos.clamp(min=0)] >= idx)).any())
+    return _everything(start, n_k) if hit else (idx[:0], idx[:0])
+
+
+def _cols_runs(f: M.Cols, start, end, n_q: int, n_k: int):
+    idx = torch.tensor(sorted(x for x in f.idx if x < n_k), dtype=torch.long)
+    return (idx, idx) if start.numel() else (idx[:0], idx[:0])
+
+
+RUN_HOPS = {              # one hop straight from runs of queries to runs of keys: (mask, start, end, n_q, n_k)
+    M.Full: lambda f, start, end, n_q, n_k: _everything(start, n_k),
+    M.Empty: lambda f, start, end, n_q, n_k: (start[:0], end[:0]),
+    M.Band: lambda f, start, end, n_q, n_k: band_runs(start, end, f.lo, f.hi, f.step, n_k),
+    M.Rows: _rows_runs,
+    M.Cols: _cols_runs,
+}
 
 
 def image_runs(m: M.Mask, start: torch.Tensor, end: torch.Tensor, n_q: int, n_k: int, runtime=None):
@@ -262,8 +269,9 @@ def image_runs(m: M.Mask, start: torch.Tensor, end: torch.Tensor, n_q: int, n_k:
     other terms through bool vectors."""
     outs_s, outs_e, bits = [], [], None
     parts = [(M.inter(*factors), factors) for factors in terms(m)]
-    for whole, factors in sorted(parts, key=lambda p: not isinstance(p[0], _ON_RUNS)):
-        got = _term_runs(whole, start, end, n_q, n_k)
+    for whole, factors in sorted(parts, key=lambda p: type(p[0]) not in RUN_HOPS):
+        hop = RUN_HOPS.get(type(whole))
+        got = None if hop is None else hop(whole, start, end, n_q, n_k)   # None: a band too fragmented for runs
         if got is None:
             bits = to_bits(start, end, n_q) if bits is None else bits
             got = runs(_term(factors, bits, n_k, runtime))

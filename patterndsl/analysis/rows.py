@@ -28,7 +28,6 @@ from .primitives import profile
 from .profile import merged
 
 MAX_ROWS = 1 << 13     # rows computed exactly before the period takes over (else: no answer for every N)
-INF = None
 
 
 @dataclass(frozen=True)
