@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import patterndsl as pd
 from patterndsl.analysis.hops import image, image_runs
-from patterndsl.analysis.intervals import runs, to_bits
+from patterndsl.analysis.intervals import band_runs, runs, to_bits
 from patterndsl.analysis.receptive import band_depth, reach
 from patterndsl.ir import mask as M
 from patterndsl.ir.dense import dense_mask
@@ -28,6 +28,18 @@ def test_one_hop_is_the_dense_row_union(m, n_q, n_k, data):
     want = (dense_mask(m, n_q, n_k) & q[:, None]).any(0)
     assert torch.equal(image(m, q, n_k), want)
     assert torch.equal(to_bits(*image_runs(m, *runs(q), n_q, n_k), n_k), want)
+
+
+@SETTINGS
+@given(st.integers(1, 60), st.integers(1, 60), st.one_of(st.none(), st.integers(-12, 12)),
+       st.one_of(st.none(), st.integers(-12, 12)), st.integers(1, 5), st.data())
+def test_band_hops_on_runs(n_q, n_k, lo, hi, step, data):
+    m = M.band(lo, hi, step)
+    if not isinstance(m, M.Band):
+        return
+    q = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n_q, max_size=n_q)))
+    got = band_runs(*runs(q), m.lo, m.hi, m.step, n_k)
+    assert torch.equal(to_bits(*got, n_k), (dense_mask(m, n_q, n_k) & q[:, None]).any(0))
 
 
 def _dense_dependence(ir, n):

@@ -86,8 +86,25 @@ def _band_in_blocks(band: M.Band, blocks: M.Blocks, q: torch.Tensor, n_k: int) -
     return to_bits(lo, hi, n_k)
 
 
+@functools.lru_cache(maxsize=8)
+def _drawn(m: M.Random, n_q: int, n_k: int) -> torch.Tensor:
+    return M.random_blocks(m.count, m.block, m.seed, n_q, n_k)
+
+
+def _band_in_random(band: M.Band, m: M.Random, q: torch.Tensor, n_k: int) -> torch.Tensor:
+    """Per query x, each drawn key block of its query block cut to the band's window [x - hi, x - lo]."""
+    chosen = _drawn(m, q.numel(), n_k)
+    x = q.nonzero().flatten()
+    if not chosen.shape[1] or not x.numel():
+        return torch.zeros(n_k, dtype=torch.bool)
+    first = chosen[x // m.block] * m.block                      # [queries, count]
+    lo = first if band.hi is None else torch.maximum(first, (x - band.hi)[:, None])
+    hi = first + m.block - 1 if band.lo is None else torch.minimum(first + m.block - 1, (x - band.lo)[:, None])
+    return to_bits(lo.flatten(), hi.flatten(), n_k)
+
+
 def _random(m: M.Random, q: torch.Tensor, n_k: int) -> torch.Tensor:
-    chosen = M.random_blocks(m.count, m.block, m.seed, q.numel(), n_k)
+    chosen = _drawn(m, q.numel(), n_k)
     qb = torch.unique(q.nonzero().flatten() // m.block)
     kb = torch.unique(chosen[qb].flatten()) if qb.numel() and chosen.shape[1] else torch.zeros(0, dtype=torch.long)
     out = torch.zeros(-(-n_k // m.block) * m.block, dtype=torch.bool).view(-1, m.block)
@@ -189,10 +206,10 @@ def _core(m: M.Mask, q: torch.Tensor, n_k: int, runtime) -> torch.Tensor:
         return torch.zeros(n_k, dtype=torch.bool)
     if type(m) in CORE_HOPS:
         return CORE_HOPS[type(m)](m, q, n_k)
-    if isinstance(m, M.Inter) and len(m.parts) == 2 and {type(p) for p in m.parts} == {M.Band, M.Blocks}:
-        band, blocks = sorted(m.parts, key=lambda p: isinstance(p, M.Blocks))
-        if band.step == 1:
-            return _band_in_blocks(band, blocks, q, n_k)
+    pair = {type(p): p for p in m.parts} if isinstance(m, M.Inter) and len(m.parts) == 2 else {}
+    if M.Band in pair and pair[M.Band].step == 1 and (M.Blocks in pair or M.Random in pair):
+        inside = _band_in_blocks if M.Blocks in pair else _band_in_random
+        return inside(pair[M.Band], pair.get(M.Blocks) or pair[M.Random], q, n_k)
     if _d_only(m):
         return _by_offsets(m, q, n_k)
     return _tiles(_banded(m), q, n_k, runtime)
@@ -243,25 +260,39 @@ def _everything(start, n_k: int):
     return (torch.tensor([0]), torch.tensor([n_k - 1])) if start.numel() and n_k else (start[:0], start[:0])
 
 
-def _rows_runs(f: M.Rows, start, end, n_q: int, n_k: int):
-    idx = torch.tensor(sorted(x for x in f.idx if x < n_q), dtype=torch.long)
+def _inside(start, end, idx) -> torch.Tensor:
+    """The members of the sorted index tensor `idx` that lie in the runs."""
+    if not start.numel():
+        return idx[:0]
     pos = torch.searchsorted(start, idx, right=True) - 1
-    hit = start.numel() > 0 and bool(((pos >= 0) & (end[pos.clamp(min=0)] >= idx)).any())
-    return _everything(start, n_k) if hit else (idx[:0], idx[:0])
+    return idx[(pos >= 0) & (end[pos.clamp(min=0)] >= idx)]
 
 
-def _cols_runs(f: M.Cols, start, end, n_q: int, n_k: int):
-    idx = torch.tensor(sorted(x for x in f.idx if x < n_k), dtype=torch.long)
-    return (idx, idx) if start.numel() else (idx[:0], idx[:0])
+def _sorted(idx, n: int) -> torch.Tensor:
+    return torch.tensor(sorted(x for x in idx if x < n), dtype=torch.long)
 
 
-RUN_HOPS = {              # one hop straight from runs of queries to runs of keys: (mask, start, end, n_q, n_k)
-    M.Full: lambda f, start, end, n_q, n_k: _everything(start, n_k),
-    M.Empty: lambda f, start, end, n_q, n_k: (start[:0], end[:0]),
-    M.Band: lambda f, start, end, n_q, n_k: band_runs(start, end, f.lo, f.hi, f.step, n_k),
-    M.Rows: _rows_runs,
-    M.Cols: _cols_runs,
-}
+def _term_runs(f: M.Mask, start, end, n_q: int, n_k: int):
+    """Keys of one term straight from query runs, for a band (or every key) restricted by index sets of
+    rows and columns; None when the term needs bit vectors (or a band is too fragmented for runs)."""
+    factors = list(f.parts) if isinstance(f, M.Inter) else [f]
+    rows = [x for x in factors if isinstance(x, M.Rows)]
+    cols = [x for x in factors if isinstance(x, M.Cols)]
+    core = [x for x in factors if not isinstance(x, (M.Rows, M.Cols))]
+    if len(core) > 1 or (core and not isinstance(core[0], (M.Band, M.Full, M.Empty))):
+        return None
+    for r in rows:
+        start = end = _inside(start, end, _sorted(r.idx, n_q))
+    core = core[0] if core else M.FULL
+    if isinstance(core, M.Band):
+        got = band_runs(start, end, core.lo, core.hi, core.step, n_k)
+    else:
+        got = _everything(start, n_k) if isinstance(core, M.Full) else (start[:0], end[:0])
+    if got is None:
+        return None
+    for c in cols:
+        got = (_inside(*got, _sorted(c.idx, n_k)),) * 2
+    return got
 
 
 def image_runs(m: M.Mask, start: torch.Tensor, end: torch.Tensor, n_q: int, n_k: int, runtime=None):
@@ -269,9 +300,8 @@ def image_runs(m: M.Mask, start: torch.Tensor, end: torch.Tensor, n_q: int, n_k:
     other terms through bool vectors."""
     outs_s, outs_e, bits = [], [], None
     parts = [(M.inter(*factors), factors) for factors in terms(m)]
-    for whole, factors in sorted(parts, key=lambda p: type(p[0]) not in RUN_HOPS):
-        hop = RUN_HOPS.get(type(whole))
-        got = None if hop is None else hop(whole, start, end, n_q, n_k)   # None: a band too fragmented for runs
+    for whole, factors in sorted(parts, key=lambda p: not isinstance(p[0], (M.Band, M.Rows, M.Cols))):
+        got = _term_runs(whole, start, end, n_q, n_k)
         if got is None:
             bits = to_bits(start, end, n_q) if bits is None else bits
             got = runs(_term(factors, bits, n_k, runtime))

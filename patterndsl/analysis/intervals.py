@@ -58,23 +58,32 @@ def band_runs(start, end, lo, hi, step: int, n: int):
     long = (end - start + 1) >= step
     a = start[long] - hi if hi is not None else torch.zeros_like(start[long])
     b = end[long] - lo if lo is not None else torch.full_like(end[long], n - 1)
-    outs_a, outs_b = [a], [b]
-    short_s, short_e = start[~long], end[~long]
-    if short_s.numel():
-        lens = short_e - short_s + 1
-        if int(lens.sum()) > MAX_POINTS:
-            return None
-        x = torch.repeat_interleave(short_s, lens) + _ramp(lens)
-        first, last = x % step, x + ((n - 1 - x) // step) * step      # x's class within 0..n-1
-        top = first if hi is None else torch.maximum(x - hi, first)
-        bottom = last if lo is None else torch.minimum(x - lo, last)
-        count = torch.clamp((bottom - top) // step + 1, min=0)
-        if int(count.sum()) > MAX_POINTS:
-            return None
-        pts = torch.repeat_interleave(top, count) + _ramp(count) * step
-        outs_a.append(pts)
-        outs_b.append(pts)
-    return merge(torch.cat(outs_a), torch.cat(outs_b), n)
+    short = _short_runs(start[~long], end[~long], lo, hi, step, n)
+    if short is None:
+        return None
+    return merge(torch.cat([a, short[0]]), torch.cat([b, short[1]]), n)
+
+
+def _short_runs(start, end, lo, hi, s: int, n: int):
+    """Runs shorter than the step, on the lattice of the step: a token x is (class c, t) = (x % s, x // s),
+    a band moves t by [-hi/s, -lo/s] within its class; consecutive t of a class are one run there."""
+    lens = end - start + 1
+    if int(lens.sum()) > MAX_POINTS:
+        return None
+    x = torch.repeat_interleave(start, lens) + _ramp(lens)
+    c, t = x % s, x // s
+    width = (max(n, int(x.max()) + 1) if x.numel() else n) // s + 2     # one spare t: classes never touch
+    t0, t1 = merge(c * width + t, c * width + t, width * s)             # runs of t within each class
+    c = t0 // width
+    t_max = (n - 1 - c) // s                                            # last t of class c inside 0..n-1
+    lo_t = t0 % width - hi // s if hi is not None else torch.zeros_like(t0)
+    hi_t = t1 % width - lo // s if lo is not None else t_max
+    lo_t, hi_t = lo_t.clamp(min=0), torch.minimum(hi_t, t_max)
+    count = (hi_t - lo_t + 1).clamp(min=0)
+    if int(count.sum()) > MAX_POINTS:
+        return None
+    pts = (torch.repeat_interleave(c + s * lo_t, count) + _ramp(count) * s)
+    return pts, pts
 
 
 def _ramp(lens: torch.Tensor) -> torch.Tensor:

@@ -262,7 +262,7 @@ def reach(patterns, layers: int | None = None, n: int = 4096, query: int | None 
         if missing:
             raise PatternError(f"{describe(s)} reads runtime ids {missing[0]}: reach needs them",
                                hint=f"pass runtime={{'{missing[0]}': ids}} with ids a LongTensor [N]")
-    runtime = {k: (v if v.dim() == 2 else v[None]) for k, v in (runtime or {}).items()}
+    runtime = {k: (v if v.dim() == 2 else v[None]) for k, v in runtime.items()} if runtime else None
     rels = [layer_relation(s, residual) for s in subjects]
     r = Reach(n, query, [describe(s) for s in subjects], residual)
     start = (torch.tensor([query]), torch.tensor([query]))
