@@ -64,7 +64,7 @@ def test_proofs_see_past_small_sizes(a, b, k):
     _check(a, b, res, BRUTE_N * k)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(analysis_masks(free=False), analysis_masks(free=False))
 def test_the_fragment_is_decided_for_every_n(a, b):
     res = inclusion(a, b)

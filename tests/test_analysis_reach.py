@@ -150,6 +150,15 @@ def test_gapped_band_is_iterated_not_closed_form():
     assert r.depth == 2
 
 
+def test_depth_without_the_residual_stream_notices_cycles():
+    r = reach("sliding(1) - sliding(0)", layers=1, n=6, query=4, residual=False)
+    assert r.depth == 4                                          # {3, 5}, {2, 4}, {1, 3, 5}, {0, 2, 4}
+    r = reach("blocks(2) - sliding(0)", layers=1, n=6, query=3, residual=False)      # 3 -> 2 -> 3 -> ...
+    assert r.depth is None and "its field repeats after 2 layers" in r.depth_note
+    r = reach("window(0, 1) - sliding(0)", layers=1, n=6, query=4, residual=False)   # 4 -> 5 -> nothing
+    assert r.depth is None and "stops growing" in r.depth_note
+
+
 def test_depth_by_iteration_and_fixed_point():
     r = reach("where(abs(i - j) <= 2 and (i - j) % 2 == 0) | where(abs(i - j) == 1)", layers=1, n=40)
     assert r.depth == 20 and "after 20 layers" in r.depth_note        # by iteration (not a single band)

@@ -79,3 +79,37 @@ def test_the_entry_point_lists_the_verbs():
     res = subprocess.run([sys.executable, "-m", "patterndsl.cli", "diff", "--help"], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=300)
     assert res.returncode == 0 and "patterndsl diff causal \"where(j <= i)\"" in res.stdout
+
+
+def _console_blocks(text):
+    """(command, expected output) for every `$ patterndsl ...` line in a ```console block."""
+    out, block = [], None
+    for line in text.splitlines():
+        if line.startswith("```console"):
+            block = []
+        elif line.startswith("```") and block is not None:
+            cmd, expected = block[0], block[1:]
+            out.append((cmd[len("$ patterndsl "):], "\n".join(expected)))
+            block = None
+        elif block is not None:
+            block.append(line)
+    return out
+
+
+def test_the_outputs_in_the_docs_are_real(capsys, monkeypatch):
+    import shlex
+    monkeypatch.chdir(ROOT)
+    blocks = _console_blocks((ROOT / "docs" / "analysis.md").read_text())
+    assert len(blocks) >= 12
+    for cmd, expected in blocks:
+        code, out, err = run(capsys, *shlex.split(cmd))
+        assert (out + err).rstrip("\n") == expected, cmd
+
+
+def test_the_python_examples_in_the_docs():
+    import patterndsl as pd
+    res = pd.compare("window(3, 0)", "causal")
+    assert (res.verdict, res.proved) == ("A within B", True)
+    assert pd.compare(pd.compile("longformer", window=64), "sliding(32) | global({0})").verdict == "equal"
+    r = pd.reach("sliding_window", layers=12, n=1 << 20)
+    assert (r.span(12), r.count(12), r.depth) == ((999435, 1048575), 49141, 257)

@@ -20,6 +20,7 @@ back, and with dilation d, l*d*w:
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -212,6 +213,11 @@ def _same(f, g) -> bool:
     return torch.equal(f[0], g[0]) and torch.equal(f[1], g[1])
 
 
+def _key(field) -> bytes:
+    """A digest of a field (runs), to notice when fields repeat."""
+    return hashlib.sha1(field[0].numpy().tobytes() + b"|" + field[1].numpy().tobytes()).digest()
+
+
 def _has_zero(field) -> bool:
     return bool(field[0].numel()) and int(field[0][0]) == 0
 
@@ -231,15 +237,17 @@ def _depth(r: Reach, rels, fields, max_depth: int, n: int, runtime) -> None:
         r.depth_note = (f"query {r.query} reads token 0 after {r.depth} layers (closed form for {M.to_source(band)})"
                         if r.depth is not None else f"query {r.query} never reads token 0 ({M.to_source(band)})")
         return
-    f = fields[-1]
+    f, seen = fields[-1], {_key(f) for f in fields}
     for l in range(len(rels) + 1, max_depth + 1):
         g = apply(rels[0], f, n, n, runtime)
         if _has_zero(g):
             r.depth, r.depth_note = l, f"query {r.query} reads token 0 after {l} layers"
             return
-        if _same(g, f):
-            r.depth_note = f"query {r.query} never reads token 0 (its field stops growing after {l - 1} layers)"
+        if _key(g) in seen:              # the fields repeat from here on (a fixed point, or a cycle without
+            what = "stops growing" if _same(g, f) else "repeats"            # the residual stream)
+            r.depth_note = f"query {r.query} never reads token 0 (its field {what} after {l - 1} layers)"
             return
+        seen.add(_key(g))
         f = g
     r.depth_note = f"query {r.query} does not read token 0 within {max_depth} layers"
 
