@@ -104,7 +104,8 @@ def _label(st: Stage, k: int) -> str:
 def _empty(m: M.Mask, positional: bool) -> tuple[EmptyRows | None, str]:
     if not positional:
         return None, "n/a (its rows or keys are not token positions)"
-    if inclusion(M.band(0, 0), m).holds and inclusion(M.band(0, 0), m).proved:
+    diagonal = inclusion(M.band(0, 0), m)
+    if diagonal.holds and diagonal.proved:                     # every row sees itself
         return EmptyRows(()), ""
     rows = empty_rows(m)
     if rows is not None:
