@@ -13,6 +13,7 @@ from patterndsl.ir.dense import dense_mask
 from patterndsl.ir.program import INPUT
 
 from analysis_strategies import analysis_masks
+from test_layout import rich_masks
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -28,6 +29,13 @@ def test_one_hop_is_the_dense_row_union(m, n_q, n_k, data):
     want = (dense_mask(m, n_q, n_k) & q[:, None]).any(0)
     assert torch.equal(image(m, q, n_k), want)
     assert torch.equal(to_bits(*image_runs(m, *runs(q), n_q, n_k), n_k), want)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rich_masks(), st.integers(1, 70), st.integers(1, 70), st.data())
+def test_one_hop_on_the_layout_tests_masks(m, n_q, n_k, data):
+    q = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n_q, max_size=n_q)))
+    assert torch.equal(image(m, q, n_k), (dense_mask(m, n_q, n_k) & q[:, None]).any(0))
 
 
 @SETTINGS
