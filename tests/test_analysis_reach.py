@@ -15,7 +15,7 @@ from patterndsl.ir.program import INPUT
 from analysis_strategies import analysis_masks
 from test_layout import rich_masks
 
-SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _no_ids(m):
