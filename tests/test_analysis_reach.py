@@ -143,12 +143,14 @@ def test_million_tokens_through_every_builtin():
 @pytest.mark.parametrize("band,q,want", [(M.sliding(3), 10, 4), (M.window(4, 0), 8, 2), (M.sliding(2, 3), 9, 2),
                                          (M.sliding(2, 3), 10, None), (M.band(1, 5), 9, 2), (M.band(-4, -1), 5, None),
                                          (M.band(0, None), 7, 1)])
-def test_band_depth_closed_form_matches_iteration(band, q, want):
+@pytest.mark.parametrize("residual", [True, False])
+def test_band_depth_closed_form_matches_iteration(band, q, want, residual):
     assert band_depth(band, q) == want
-    layers = 12
-    dense = _dense_fields([band] * layers, q + 1, q)
+    dense = _dense_fields([band] * 12, q + 1, q, residual)
     first = next((l for l, f in enumerate(dense, 1) if f[0]), None)
     assert first == want
+    r = reach(band, layers=1, n=q + 1, query=q, residual=residual)
+    assert r.depth == want
 
 
 def test_gapped_band_is_iterated_not_closed_form():

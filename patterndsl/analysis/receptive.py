@@ -112,15 +112,12 @@ def _single_band(rel) -> M.Band | None:
 
 
 def _one_band(rel) -> M.Band | None:
-    if isinstance(rel, Hop) and isinstance(rel.mask, M.Band) and isinstance(rel.then, Identity) and rel.keys is None:
-        return rel.mask
+    if isinstance(rel, Hop):
+        plain = isinstance(rel.mask, M.Band) and isinstance(rel.then, Identity) and rel.keys is None
+        return rel.mask if plain else None
     if isinstance(rel, AnyOf):
         hops = [p for p in rel.parts if not isinstance(p, Identity)]
-        if len(hops) == 1 and len(rel.parts) >= 1:
-            inner = _one_band(hops[0])
-            if isinstance(hops[0], AnyOf) and inner is not None:
-                return inner
-            return inner if isinstance(hops[0], Hop) else None
+        return _one_band(hops[0]) if len(hops) == 1 else None
     return None
 
 
@@ -235,7 +232,7 @@ def _depth(r: Reach, rels, fields, max_depth: int, n: int, runtime) -> None:
     if band is not None:
         r.depth = band_depth(band, r.query)
         r.depth_note = (f"query {r.query} reads token 0 after {r.depth} layers (closed form for {M.to_source(band)})"
-                        if r.depth is not None else f"query {r.query} never reads token 0 ({M.to_source(band)})")
+                        if r.depth is not None else f"query {r.query} never reads token 0 (closed form for {M.to_source(band)})")
         return
     f, seen = fields[-1], {_key(f) for f in fields}
     for l in range(len(rels) + 1, max_depth + 1):

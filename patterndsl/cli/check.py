@@ -3,6 +3,7 @@ With `--prove`, also what each program guarantees for every N (`patterndsl.analy
 and through the dataflow, rows with no key, allowed pairs, density and tiles as expressions in N."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 from ..errors import PatternError
@@ -11,7 +12,6 @@ HELP = "check .attn files (or built-in names): syntax, names, types, values"
 
 
 def add_parser(subparsers):
-    import argparse
     p = subparsers.add_parser("check", help=HELP, description=HELP + ". Exit 0 if all are good, 1 if any is bad.",
                               epilog="examples:\n  patterndsl check examples/*.attn\n"
                                      "  patterndsl check --prove examples/sink_window.attn sliding_window",
