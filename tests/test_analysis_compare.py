@@ -114,6 +114,16 @@ def test_outside_the_fragment_is_checked_up_to_the_bound():
     assert res.verdict == "B within A" and res.a_not_b[1].n == 3           # a counterexample is a proof
 
 
+def test_a_part_in_the_fragment_decides():
+    assert compare("where(i * j < 40) & causal", "where(i * j < 40)").proved
+    res = compare("sliding(2)", "sliding(2) | where(i * j < 9)")
+    assert res.verdict == "A within B" and res.proved
+    res = compare("where(i * j < 40)", "where(i * j < 40) | causal", bound=64)    # A is a part of B
+    assert res.verdict == "A within B" and res.proved
+    res = compare("where(i * j < 40)", "where(i * j < 41) | sliding(1)", bound=64)
+    assert res.verdict == "A within B" and not res.proved and "checked for N <= 64" in str(res)
+
+
 def test_random_draws_are_free_for_proofs_and_checked_per_size():
     res = compare("random(2, 4, 0) | sliding(2)", "random(2, 4, 0) | sliding(3)")
     assert res.verdict == "A within B" and res.proved

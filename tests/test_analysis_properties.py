@@ -115,8 +115,12 @@ def test_properties_outside_the_fragment_say_so():
     assert "rows with no key: none, for every N" in text
     assert "allowed pairs: at most about" in text
     text = str(properties("where(i * j < 50) & causal", bound=64))
-    assert "future keys: none, proved for every N" in text or "checked for N <= 64" in text
+    assert "future keys: none, proved for every N" in text          # through its factor `causal`
     assert "not decided for every N" in text
+    text = str(properties("where(i * j < 50) | causal", bound=64))
+    assert "mask: not causal: stage mask lets a query see a later key (i=0, j=1 (N = 2))" in text
+    text = str(properties("where(j <= 2 * i) & where(j <= i + 3)", bound=64))
+    assert "mask: not causal" in text and "(i=1, j=2 (N = 3))" in text
 
 
 @pytest.mark.parametrize("call,message", [

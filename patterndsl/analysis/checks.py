@@ -23,7 +23,7 @@ from ..plan.cost import pairs
 from .contain import DEFAULT_BOUND, Inclusion, check_bound, inclusion
 from .counting import N, QuasiPoly, TileCounts, pair_count, tile_counts
 from .rows import EmptyRows, empty_rows
-from .subjects import subject
+from .subjects import rows_of, subject
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,8 @@ class Properties:
     stages: tuple[StageProperties, ...]
 
     def __str__(self) -> str:
-        how = "proved for every N" if self.proved else f"checked for N <= {DEFAULT_BOUND}"
+        unproved = [s.future for s in self.stages if s.future is not None and not s.future.proved]
+        how = f"checked for {unproved[0].checked}" if unproved else "proved for every N"
         head = (f"{self.name}: causal (no output reads a later token), {how}" if self.causal else
                 f"{self.name}: not causal: {self.why}")
         return "\n".join([head] + ["  " + line for s in self.stages for line in s.lines()])
@@ -157,18 +158,11 @@ def program_properties(ir: ProgramIR, bound: int = DEFAULT_BOUND, block: int = 6
         raise PatternError(f"the tile size must be an int >= 1, got {block!r}")
     per = {}
     for k, st in enumerate(ir.stages):
-        positional = _rows_of(ir, st.query) == INPUT and _rows_of(ir, st.keys) == INPUT
+        positional = rows_of(ir, st.query) == INPUT and rows_of(ir, st.keys) == INPUT
         per[st.name] = stage_properties(st, k, positional, bound, block)
     causal, why = _flow(ir, per)
     proved = all(p.future is None or p.future.proved for p in per.values())
     return Properties(ir.name, causal, proved, why, tuple(per.values()))
-
-
-def _rows_of(ir: ProgramIR, src: str) -> str:
-    """What the rows of a tensor are: `input` (token positions) or the param whose rows a stage keeps."""
-    while src != INPUT and src not in dict(ir.params):
-        src = ir.stage(src).query
-    return src
 
 
 def properties(program, bound: int = DEFAULT_BOUND, block: int = 64, **params) -> Properties:

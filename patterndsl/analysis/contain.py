@@ -164,4 +164,20 @@ def inclusion(a: M.Mask, b: M.Mask, bound: int = DEFAULT_BOUND) -> Inclusion:
     if a == b or isinstance(a, M.Empty) or isinstance(b, M.Full):
         return Inclusion(True, None, True, "every N")
     result, reason = _proof(a, b)
+    if result is None and _through_a_part(a, b):
+        return Inclusion(True, None, True, "every N")
     return result if result is not None else bounded_inclusion(a, b, bound, reason)
+
+
+def _through_a_part(a: M.Mask, b: M.Mask) -> bool:
+    """a <= b proved through one factor of a (a & c <= b when a <= b) or one part of b (a <= b | c when
+    a <= b): masks whose other parts are outside the fragment still get a proof when these parts decide."""
+    factors = a.parts if isinstance(a, M.Inter) else (a,)
+    parts = b.parts if isinstance(b, M.Union) else (b,)
+    for x, y in [(f, b) for f in factors if len(factors) > 1] + [(a, p) for p in parts if len(parts) > 1]:
+        if x == y:
+            return True
+        got, _ = _proof(x, y)
+        if got is not None and got.holds:
+            return True
+    return False

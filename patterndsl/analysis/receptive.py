@@ -30,7 +30,7 @@ from ..ir import mask as M
 from ..ir.program import INPUT, ProgramIR
 from .hops import image_runs
 from .intervals import merge, to_bits
-from .subjects import describe, subject
+from .subjects import describe, rows_of, subject
 
 DEFAULT_MAX_DEPTH = 4096
 MAX_N = 1 << 24           # fields are bool vectors and runs of N tokens
@@ -74,12 +74,6 @@ def apply(rel, field: tuple, n_rows: int, n: int, runtime=None) -> tuple:
     return merge(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), n)
 
 
-def _rows_of(ir: ProgramIR, src: str) -> str:
-    while src != INPUT and src not in dict(ir.params):
-        src = ir.stage(src).query
-    return src
-
-
 def _deps(ir: ProgramIR, name: str):
     params = dict(ir.params)
     if name == INPUT:
@@ -87,7 +81,7 @@ def _deps(ir: ProgramIR, name: str):
     if name in params:
         return Nothing()
     st = ir.stage(name)
-    rows = _rows_of(ir, st.keys)
+    rows = rows_of(ir, st.keys)
     keys = None if rows == INPUT else params[rows]
     return AnyOf((_deps(ir, st.query), Hop(st.mask, _deps(ir, st.keys), keys)))
 
@@ -97,7 +91,7 @@ def layer_relation(x, residual: bool = True):
     if isinstance(x, M.Mask):
         rel = Hop(x, Identity())
         return AnyOf((Identity(), rel)) if residual else rel
-    outs = [o for o in x.outputs if _rows_of(x, o) == INPUT]
+    outs = [o for o in x.outputs if rows_of(x, o) == INPUT]
     if not outs:
         raise PatternError(f"{x.name} returns no token sequence (every output has a param's rows)")
     parts = tuple(_deps(x, o) for o in outs)

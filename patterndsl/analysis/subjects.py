@@ -81,6 +81,13 @@ def _no_params(x, params: dict):
     return x
 
 
+def rows_of(ir: ProgramIR, src: str) -> str:
+    """What the rows of a tensor are: `input` (token positions) or the param whose rows a stage keeps."""
+    while src != "input" and src not in dict(ir.params):
+        src = ir.stage(src).query
+    return src
+
+
 def describe(x) -> str:
     """A short label: the mask's source text or the program's name."""
     return M.to_source(x) if isinstance(x, M.Mask) else x.name
