@@ -280,6 +280,12 @@ class AttentionOp:
         from .plan.layout import block_layout
         return block_layout(self._mask_stage(stage).mask, n_q, n_q if n_k is None else n_k, *block)
 
+    def properties(self, bound: int = 1024, block: int = 64):
+        """What the pattern guarantees, for every N where the closed forms decide it (`patterndsl.analysis`):
+        future keys per stage and through the dataflow, rows with no key, allowed pairs and tiles in N."""
+        from .analysis.checks import program_properties
+        return program_properties(self.ir, bound, block)
+
     def explain(self, seq_len: int, head_dim: int = 64, device="cpu", dtype=torch.float32, **shape):
         """The `Plan` for these shapes: schedule, kernel per stage and why, tiles, symbolic costs."""
         from .plan.plan import make_plan
