@@ -125,8 +125,15 @@ class Inter(_Combined):
         return " & ".join(f"({p.label()})" if isinstance(p, Union) else p.label() for p in self.parts)
 
     def candidates(self, tiles):
-        parts = [c for c in (p.candidates(tiles) for p in self.parts) if c is not None]
-        return min(parts, key=lambda c: c[0].numel()) if parts else None
+        """The candidates of the sparsest part that has any, by pair count at this size: only that part's
+        tiles are enumerated (`causal & random(...)` at 1M tokens never lists the causal half)."""
+        import sympy
+        n, size = sympy.Symbol("N", positive=True), max(tiles.grid.n_q, tiles.grid.n_k, 1)
+        for part in sorted(self.parts, key=lambda p: float(p.pairs(n).subs(n, size))):
+            found = part.candidates(tiles)
+            if found is not None:
+                return found
+        return None
 
     def pairs(self, n):  # bounded by its sparsest part
         return min((p.pairs(n) for p in self.parts), key=lambda e: float(e.subs(n, 1 << 20)))
