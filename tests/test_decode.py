@@ -112,6 +112,17 @@ def test_bounded_patterns_keep_a_bounded_cache(name, kw, bound):
     assert_close("decoded", got, op(x["q"], x["k"], x["v"], key_padding_mask=kpm), atol=1e-10)
 
 
+def test_a_key_that_is_never_seen_again_cannot_reach_an_output():
+    """A non-finite key and value at position 0 leave the window: later steps stay finite and exact."""
+    op = pd.compile("sliding_window", window=4, backend="torch")
+    x, _, kpm = _data(op, 30)
+    x["k"][:, :, 0], x["v"][:, :, 0] = float("nan"), float("inf")
+    got, _ = _decode(op, x, {}, torch.zeros_like(kpm), [8] + [1] * 22)
+    want = pd.compile("sliding_window", window=4, backend="reference")(x["q"], x["k"], x["v"])
+    assert_close("decoded", got, want, atol=1e-10)
+    assert torch.isfinite(got[:, :, 4:]).all()
+
+
 @settings(max_examples=150, deadline=None)
 @given(rich_masks(), st.integers(0, 60), st.integers(1, 40))
 def test_retention_is_sound(m, t, horizon):

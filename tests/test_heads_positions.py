@@ -218,3 +218,13 @@ def test_a_stage_reading_another_stage_needs_its_head_dim():
                                            r"dim 6 \(v's\), but its queries have head dim 4") as e:
         luna(q, q, torch.zeros(1, 2, 5, 6), p=torch.zeros(3, 4))
     assert "v [B, H_kv, N_k, 4]" in str(e.value)
+
+
+@pytest.mark.skipif(not TRITON, reason="no triton")
+def test_a_backend_error_names_the_stage_and_backend_once():
+    op = pd.compile("sliding_window", window=3, backend="triton")
+    q = torch.zeros(1, 2, 4, 512)
+    with pytest.raises(PatternError, match=r"^error: stage _0 of sliding_window on the triton backend: the Triton "
+                                           r"kernels take head dims up to 256, got q 512, v 512") as e:
+        op(q, q, q)
+    assert str(e.value).count("stage _0") == 1 and "use backend='torch' for larger heads" in str(e.value)

@@ -44,16 +44,21 @@ def allowed_at(mask: Mask, n_q: int, q_offset: int, k_pos: torch.Tensor, n_total
     return out.expand(*out.shape[:out.dim() - 2], *full) if out.dim() > 2 else out.expand(full)
 
 
-def attend_at(q, k, v, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+def attend_at(q, k, v, allowed: torch.Tensor, scale: float, finite: bool | None = None) -> torch.Tensor:
     """Masked softmax attention. q `[B, H, n, D]`, k `[B, H_kv, K, D]`, v `[B, H_kv, K, D_v]`, allowed bool
-    `[n, K]` or `[B, n, K]` (key padding included). Returns `[B, H, n, D_v]` in q's dtype."""
+    `[n, K]` or `[B, n, K]` (key padding included); `finite` says whether every key and value is finite (None:
+    look). Returns `[B, H, n, D_v]` in q's dtype."""
     dtype = q.dtype
     work = torch.float32 if dtype in _LOW else dtype
     q, k, v = q.to(work), k.to(work), v.to(work)
     ok = allowed if allowed.dim() == 3 else allowed[None]
-    seen = ok.any(1)[:, None, :, None]                                     # keys some row may see
-    k, v = torch.where(seen, k, 0.0), torch.where(seen, v, 0.0)
-    rowwise = not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all()))
+    if finite is None:
+        finite = bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())
+    rowwise = False
+    if not finite:                                  # a masked key must not reach an output through 0 * inf
+        seen = ok.any(1)[:, None, :, None]                                     # keys some row may see
+        k, v = torch.where(seen, k, 0.0), torch.where(seen, v, 0.0)
+        rowwise = not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all()))
     step = 1 if rowwise else ROWS
     outs = [_block(q[:, :, r:r + step], k, v, ok[:, r:r + step], scale, rowwise) for r in range(0, q.shape[2], step)]
     out = torch.cat(outs, 2) if outs else q.new_zeros(*q.shape[:3], v.shape[3])
@@ -91,6 +96,7 @@ class KeyBuffer:
         self.ids: dict = {}
         self.count = 0
         self.contiguous = True           # the keys are positions 0 .. count - 1 (nothing dropped yet)
+        self.finite = True               # every key and value appended so far is finite
         self.limit = 2 * self.MARGIN
 
     def append(self, k, v, valid, ids: dict, start: int) -> None:
@@ -100,6 +106,7 @@ class KeyBuffer:
         if self.count + n > self.k.shape[2]:
             self._resize(2 * (self.count + n))
         a, b = self.count, self.count + n
+        self.finite = self.finite and bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())
         self.k[:, :, a:b], self.v[:, :, a:b], self.valid[:, a:b] = k, v, valid
         self.pos[a:b] = torch.arange(start, start + n, device=self.pos.device)
         for name in self.names:

@@ -44,7 +44,7 @@ class SoftmaxState:
             out = be.softmax(self.stage, q, K, V, scale=scale, key_padding_mask=kpm, runtime=runtime, q_offset=t)
         else:
             allowed = allowed_at(self.stage.mask, n, t, pos, t + n, ids, key_ids) & ok[:, None, :]
-            out = attend_at(q, K, V, allowed, scale)
+            out = attend_at(q, K, V, allowed, scale, buf.finite)
         buf.evict(t + n)
         return out
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import PatternError
 from ..ir.program import INPUT, Linear, Nested, Softmax, Stage
 from .validate import Call
 
@@ -64,7 +65,15 @@ def _empty(q, k, v, extra=()) -> torch.Tensor:
 
 
 def run_stage(op, be, st: Stage, call: Call, values: dict) -> torch.Tensor:
-    """One stage on its backend."""
+    """One stage on its backend; a backend's error gets the stage and backend named, once, here."""
+    try:
+        return _run_stage(op, be, st, call, values)
+    except PatternError as e:
+        raise PatternError(f"stage {st.name} of {op.name} on the {be.name} backend: {e.message}", e.span, e.source,
+                           e.hint) from None
+
+
+def _run_stage(op, be, st: Stage, call: Call, values: dict) -> torch.Tensor:
     q, k, v, kpm, c, p, offset = stage_sources(st, call, values)
     norm = st.normaliser
     if q.shape[0] == 0 or (not isinstance(norm, Softmax) and (q.shape[2] == 0 or k.shape[2] == 0)):
