@@ -2,6 +2,7 @@
 float64 (token by token and in multi-token steps, batch 2, grouped kv heads, padding), a decode step equals the
 op at its offset for any pattern, caches of bounded masks stay bounded, the retention rule of every primitive is
 sound against the dense mask, and the checks."""
+import os
 import re
 
 import pytest
@@ -68,6 +69,24 @@ def test_prefill_then_decode_equals_the_full_forward(case, backend, steps):
     full = op(x["q"], x["k"], x["v"], key_padding_mask=kpm, **{n: y for n, y in x.items() if n == "c"}, **fixed)
     got, _ = _decode(op, x, fixed, kpm, STEPS[steps])
     assert_close("decoded", got, full, atol=1e-10)
+
+
+TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("case", ["sliding_window", "longformer-causal", "performer-causal"])
+def test_decode_on_the_triton_backend(case):
+    """The prompt runs on the Triton kernels (at an offset, with grouped heads), the steps on the held keys."""
+    name, kw = CAUSAL_BUILTINS[case]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    op = pd.compile(name, backend="triton", **kw)
+    x, fixed, kpm = _data(op, 40)
+    x = {n: t.float().to(dev) for n, t in x.items()}
+    kpm = kpm.to(dev)
+    got, _ = _decode(op, x, fixed, kpm, [20, 1, 1, 5, 1, 12])
+    want = pd.compile(name, backend="reference", **kw)(*(x[n].double() for n in ("q", "k", "v")), key_padding_mask=kpm)
+    assert_close("decoded", got, want, atol=2e-4, rtol=2e-4)
 
 
 def test_a_step_equals_the_op_at_its_offset_for_any_pattern():

@@ -57,11 +57,14 @@ def _inputs(ir, H, Hk, offsets):
 
 
 def _run(op, x, runtime, kpm, dout, **kw):
-    leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
-    out = op(leaves["q"], leaves["k"], leaves["v"], key_padding_mask=kpm, **kw, **runtime,
-             **{n: t for n, t in leaves.items() if n in ("p", "c")})
-    out.backward(dout)
-    return out.detach(), {f"d{n}": t.grad for n, t in leaves.items()}
+    """Outputs and gradients (on the CPU); the Triton backend runs on CUDA when there is one."""
+    dev = "cuda" if op.backend == "triton" and torch.cuda.is_available() else "cpu"
+    to = (lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t)  # noqa: E731
+    leaves = {n: to(t).requires_grad_() for n, t in x.items()}
+    out = op(leaves["q"], leaves["k"], leaves["v"], key_padding_mask=to(kpm), **{n: to(t) for n, t in kw.items()},
+             **{n: to(t) for n, t in runtime.items()}, **{n: t for n, t in leaves.items() if n in ("p", "c")})
+    out.backward(to(dout))
+    return out.detach().cpu(), {f"d{n}": t.grad.cpu() for n, t in leaves.items()}
 
 
 def _oracle(ir, x, runtime, kpm, dout, offsets):
@@ -148,11 +151,12 @@ def test_a_default_offset_keeps_the_old_meaning():
 def test_batch_of_zero_in_every_backend():
     for backend in ("reference", "torch") + (("triton",) if TRITON else ()):
         for name, ir in PROGRAMS.items():
+            dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
             x, runtime, kpm = _inputs(ir, 4, 2, (0, 0))
-            x = {n: (t[:0] if n != "p" else t).requires_grad_() for n, t in x.items()}
-            runtime = {n: t[:0] for n, t in runtime.items()}
+            x = {n: (t[:0] if n != "p" else t).to(dev).requires_grad_() for n, t in x.items()}
+            runtime = {n: t[:0].to(dev) for n, t in runtime.items()}
             op = AttentionOp(None, ir, backend=backend)
-            out = op(x["q"], x["k"], x["v"], key_padding_mask=kpm[:0], **runtime,
+            out = op(x["q"], x["k"], x["v"], key_padding_mask=kpm[:0].to(dev), **runtime,
                      **{n: t for n, t in x.items() if n in ("p", "c")})
             assert out.shape == (0, 4, NQ, D), (backend, name)
             out.sum().backward()
@@ -223,7 +227,7 @@ def test_a_stage_reading_another_stage_needs_its_head_dim():
 @pytest.mark.skipif(not TRITON, reason="no triton")
 def test_a_backend_error_names_the_stage_and_backend_once():
     op = pd.compile("sliding_window", window=3, backend="triton")
-    q = torch.zeros(1, 2, 4, 512)
+    q = torch.zeros(1, 2, 4, 512, device="cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(PatternError, match=r"^error: stage _0 of sliding_window on the triton backend: the Triton "
                                            r"kernels take head dims up to 256, got q 512, v 512") as e:
         op(q, q, q)

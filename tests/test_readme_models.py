@@ -33,3 +33,14 @@ def test_decoding_doc_example_runs():
     exec(compile(code, "docs/decoding.md", "exec"), scope)              # noqa: S102
     cache = scope["cache"]
     assert cache.length == 400 and max(cache.held().values()) <= 2 * (512 + 4 + 64)
+
+
+@pytest.mark.parametrize("module", ["patterndsl.op", "patterndsl.op.attention", "patterndsl.op.validate",
+                                    "patterndsl.decode", "patterndsl.integrations.hf", "patterndsl.ir.masks.base"])
+def test_doctests(module):
+    import doctest
+    import importlib
+    if module == "patterndsl.integrations.hf":
+        pytest.importorskip("transformers")
+    res = doctest.testmod(importlib.import_module(module))
+    assert res.failed == 0 and res.attempted > 0

@@ -9,10 +9,10 @@ learned params and pack keys. What passes becomes a `Call`; the layers below tru
 >>> call = check_call(ir, q, kv, kv, None, 7, {})
 >>> call.q_offset, call.groups
 (7, 2)
->>> check_call(ir, q, kv, kv, None, 2 ** 31, {})
+>>> check_call(ir, q, kv, kv, None, -1, {})
 Traceback (most recent call last):
 ...
-patterndsl.errors.PatternError: error: positions must stay below 2^31: q_offset 2147483648 + N_q 3 puts the last query at position 2147483650
+patterndsl.errors.PatternError: error: q_offset must be >= 0, got -1
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def check_heads(ir: ProgramIR, q, k) -> None:
     if H_kv < 1 or H % H_kv:
         raise PatternError(f"k and v must have a number of heads dividing q's {H} (grouped-query attention), "
                            f"got {H_kv}: q {shape_text(q)}, k {shape_text(k)}",
-                           hint="k, v are [B, H_kv, N_k, D] with H_kv in " + str([d for d in range(1, H + 1) if H % d == 0]))
+                           hint=f"k, v are [B, H_kv, N_k, D] with H_kv in {[d for d in range(1, H + 1) if H % d == 0]}")
     if ir.num_heads is not None and H != ir.num_heads:
         raise PatternError(f"pattern {ir.name} splits {ir.num_heads} heads, but q has {H} heads {shape_text(q)}",
                            hint="set the pattern's head parameters to match")

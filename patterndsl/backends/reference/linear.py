@@ -43,7 +43,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_
     if not causal:
         return _rows(fq, k, v, valid, feature_map, w).to(dtype)
     ends = [q_offset + r + 1 for r in range(q.shape[2])]
-    rows = [_rows(fq[:, :, r:r + 1], k[:, :, :t], v[:, :, :t], valid[:, :t], feature_map, w) for r, t in enumerate(ends)]
+    rows = [_rows(fq[:, :, r:r + 1], k[:, :, :t], v[:, :, :t], valid[:, :t], feature_map, w)
+            for r, t in enumerate(ends)]
     return (torch.cat(rows, 2) if rows else q.new_zeros(*q.shape[:3], v.shape[3])).to(dtype)
 
 

@@ -93,7 +93,8 @@ def _interim_groups_and_offset(q, k, v, c, key_padding_mask, q_offset: int = 0, 
         n, n_k = q.shape[2], k.shape[2]
         kpm = (key_padding_mask if key_padding_mask is not None
                else torch.zeros(k.shape[0], n_k, dtype=torch.bool, device=k.device))
-        cut = (lambda x: x[:, :, :n]) if n_k > n else (lambda x: torch.nn.functional.pad(x, (0, 0, 0, n - n_k)))  # noqa: E731
+        def cut(x):
+            return x[:, :, :n] if n_k > n else torch.nn.functional.pad(x, (0, 0, 0, n - n_k))
         k, v, c = cut(k), cut(v), cut(c)
         key_padding_mask = kpm[:, :n] if n_k > n else torch.nn.functional.pad(kpm, (0, n - n_k), value=True)
     return q, k, v, c, key_padding_mask
