@@ -161,3 +161,26 @@ def test_a_sliding_cache_cannot_serve_a_pattern_that_needs_dropped_keys():
     from transformers import DynamicCache
     out = model.generate(_ids(B=1, N=6), max_new_tokens=8, do_sample=False, pad_token_id=0, cache=DynamicCache())
     assert out.shape == (1, 14)
+
+
+def test_the_models_scaling_and_grouped_heads_reach_the_op():
+    """The attention function alone, as a model calls it: scaling 0.3 (not 1/sqrt(d)), 2 kv heads, a cache of
+    9 keys with 3 new queries, padding: SDPA with the same scale, repeated heads and the sliced causal mask."""
+    from patterndsl.integrations.hf.attention import pattern_attention, pattern_mask
+
+    class Module(torch.nn.Module):
+        is_causal = True
+        patterndsl_op = pd.compile("causal", backend="torch")
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 3, 8, generator=g)
+    k, v = torch.randn(2, 2, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g)
+    am = torch.ones(2, 9, dtype=torch.long)
+    am[1, :2] = 0
+    mask = pattern_mask(2, 3, 9, q_offset=6, kv_offset=0, attention_mask=am)
+    got, weights = pattern_attention(Module(), q, k, v, mask, scaling=0.3)
+    allowed = (torch.arange(6, 9)[:, None] >= torch.arange(9)[None, :]) & am.bool()[:, None, None, :]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                            attn_mask=allowed, scale=0.3)
+    assert weights is None and got.shape == (2, 3, 4, 8)
+    _close(got, want.transpose(1, 2))
