@@ -60,7 +60,7 @@ def _run(op, x, runtime, kpm, dout, **kw):
     """Outputs and gradients (on the CPU); the Triton backend runs on CUDA when there is one."""
     dev = "cuda" if op.backend == "triton" and torch.cuda.is_available() else "cpu"
     to = (lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t)  # noqa: E731
-    leaves = {n: to(t).requires_grad_() for n, t in x.items()}
+    leaves = {n: to(t).detach().clone().requires_grad_() for n, t in x.items()}
     out = op(leaves["q"], leaves["k"], leaves["v"], key_padding_mask=to(kpm), **{n: to(t) for n, t in kw.items()},
              **{n: to(t) for n, t in runtime.items()}, **{n: t for n, t in leaves.items() if n in ("p", "c")})
     out.backward(to(dout))
@@ -75,7 +75,7 @@ def _oracle(ir, x, runtime, kpm, dout, offsets):
         rows = {n: t[b:b + 1] if n != "p" else t for n, t in x.items()}
         G = x["q"].shape[1] // x["k"].shape[1]
         pad = _rand(1, x["q"].shape[1], o, D, seed=10 + b)
-        leaves = {n: t.clone().requires_grad_() for n, t in rows.items()}
+        leaves = {n: t.detach().clone().requires_grad_() for n, t in rows.items()}
         rep = {n: leaves[n].repeat_interleave(G, 1) for n in ("k", "v", "c") if n in leaves}
         q = torch.cat([pad, leaves["q"]], 2)
         ids = {n: (t[b:b + 1, :o + NQ], t[b:b + 1, :NK]) for n, t in runtime.items()}
