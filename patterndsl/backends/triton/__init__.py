@@ -36,6 +36,8 @@ class TritonBackend:
         except ImportError as e:
             return f"cannot import triton: {e}"
         norm = stage.normaliser
+        if getattr(stage, "score", None) is not None:
+            return f"no Triton kernel for score terms yet ({stage.score.source()})"
         if isinstance(norm, Linear) and not isinstance(norm.feature_map, (Favor, ReluFeatures, Elu1)):
             return f"no Triton kernel for the feature map {type(norm.feature_map).__name__}"
         return None
