@@ -20,6 +20,9 @@ SMALL = {  # parameters that make each example non-trivial at N = 40
     "window_favor_causal": {"window": 5, "features": 16},
     "sink_window": {"window": 6, "sinks": 3},
     "document_mask": {"window": 9},
+    "alibi": {"heads": 4},
+    "t5_bias": {"heads": 4, "buckets": 8, "max_distance": 20},
+    "gemma2": {"window": 7, "cap": 1.5},
 }
 
 

@@ -35,3 +35,6 @@ class AlibiSlope(Term):
 
     def source(self) -> str:
         return f"alibi_slope(h, {self.heads})"
+
+    def flops(self) -> int:
+        return 1   # one read of a per-head constant

@@ -83,3 +83,6 @@ class T5Bias(Term):
 
     def tables(self) -> tuple[str, ...]:
         return (self.table,)
+
+    def flops(self) -> int:
+        return 4 + 2 * len(self.thresholds)   # distance, side, one compare-and-add per threshold, the read

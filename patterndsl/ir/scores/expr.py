@@ -34,6 +34,10 @@ class Term:
     def prec(self) -> int:
         return 9
 
+    def flops(self) -> int:
+        """Arithmetic operations per pair (the cost model's count; a leaf costs nothing)."""
+        return 0
+
 
 @dataclass(frozen=True)
 class Var(Term):
@@ -83,6 +87,9 @@ class Bin(Term):
     def prec(self) -> int:
         return _PREC[self.op]
 
+    def flops(self) -> int:
+        return 1 + self.a.flops() + self.b.flops()
+
 
 @dataclass(frozen=True)
 class Fn(Term):
@@ -99,6 +106,9 @@ class Fn(Term):
     def tables(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(t for a in self.args for t in a.tables()))
 
+    def flops(self) -> int:
+        return 1 + sum(a.flops() for a in self.args)
+
 
 @dataclass(frozen=True)
 class Neg(Term):
@@ -113,6 +123,9 @@ class Neg(Term):
 
     def tables(self) -> tuple[str, ...]:
         return self.x.tables()
+
+    def flops(self) -> int:
+        return 1 + self.x.flops()
 
     def prec(self) -> int:
         return 2

@@ -32,6 +32,11 @@ class Score:
         """Terms that change one score at a time (bias, soft cap), not the far field."""
         return self.far is None
 
+    def pair_flops(self) -> int:
+        """Operations per scored pair the pointwise terms add (a tanh counted as 8)."""
+        bias = 1 + self.bias.flops() if self.bias is not None else 0
+        return bias + (10 if self.softcap is not None else 0)
+
     def tables(self) -> tuple[str, ...]:
         return self.bias.tables() if self.bias is not None else ()
 
