@@ -1,0 +1,59 @@
+"""The Triton text of score terms (`backends/triton/scores.py`) equals the torch evaluation of the same terms
+(interpreter on the CPU), and generated statements hold only IR numbers and operators."""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import patterndsl as pd  # noqa: E402
+from patterndsl.backends.triton.scores import score_grid, score_source  # noqa: E402
+from patterndsl.ir.scores.ops import TorchScoreOps  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+SRC = """pattern s(heads: int = 5) {{
+    param rel[heads, 16]
+    param pos[heads, 8]
+    attend softmax over causal, {terms}
+}}"""
+TERMS = [
+    "bias = -alibi_slope(h, heads) * abs(i - j)",
+    "bias = t5_bias(rel, 16, 40, true) * 0.5 + t5_bias(pos, 8, 12, false), softcap = 3.0",
+    "bias = 0.1 * h / (j - 3) - min(i, j) * 2 + max(1.5, j / 7), softcap = 1e-3",
+    "softcap = 30.0",
+    "bias = (i - j) * (i + j) / 1000",
+]
+
+
+@pytest.mark.parametrize("terms", TERMS)
+@pytest.mark.parametrize("head,q_offset", [(0, 0), (3, 17)])
+def test_generated_score_equals_torch(terms, head, q_offset):
+    op = pd.compile(SRC.format(terms=terms), backend="reference")
+    score = op.ir.stages[0].score
+    g = torch.Generator().manual_seed(head)
+    tables = {"rel": torch.randn(5, 16, generator=g), "pos": torch.randn(5, 8, generator=g)}
+    s = 4 * torch.randn(21, 30, generator=g)
+    got = score_grid(score, s, q_offset, head, tables)
+    i = torch.arange(21)[:, None] + q_offset
+    j = torch.arange(30)[None, :]
+    ops = TorchScoreOps(i, j, torch.tensor([[[head]]]), {k: t.double() for k, t in tables.items()}, torch.float64)
+    want = score.apply(s.double(), ops).expand(1, 21, 30)[0]
+    assert_close(terms, got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_a_far_field_has_no_score_function():
+    op = pd.compile("pattern f() { attend softmax over sliding(2), far = favor(4) }")
+    with pytest.raises(pd.PatternError) as info:
+        score_source(op.ir.stages[0].score)
+    assert "a far field has no pointwise score function" in info.value.message
+
+
+def test_more_than_two_tables_are_refused():
+    src = ("pattern t() { param a[2, 4]\n param b[2, 4]\n param c[2, 4]\n"
+           " attend softmax, bias = t5_bias(a, 4) + t5_bias(b, 4) + t5_bias(c, 4) }")
+    with pytest.raises(pd.PatternError) as info:
+        score_source(pd.compile(src).ir.stages[0].score)
+    assert "at most 2 bias tables, got 3" in info.value.message
