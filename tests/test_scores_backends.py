@@ -150,15 +150,18 @@ def test_a_missing_table_is_named():
     assert "needs the input 'rel'" in info.value.message and "[4, 16]" in info.value.hint
 
 
-def test_triton_refuses_score_terms_and_auto_never_picks_it():
-    op = compile_("full", "auto")
-    st = op.ir.stages[0]
+def test_triton_refuses_tables_and_far_fields_and_auto_never_picks_it():
     from patterndsl.backends import get_backend
-    assert "no Triton kernel for score terms yet" in get_backend("triton").supports(st, "cuda")
+    op = compile_("full", "auto")
+    assert "no Triton kernel for learned bias tables yet" in get_backend("triton").supports(op.ir.stages[0], "cuda")
     assert set(op.backends("cpu").values()) == {"torch"}
     with pytest.raises(pd.PatternError) as info:
         compile_("full", "triton").backends("cuda")
-    assert "no Triton kernel for score terms yet" in info.value.hint
+    assert "no Triton kernel for learned bias tables yet" in info.value.hint
+    far = pd.compile("pattern f() { attend softmax over sliding(2), far = favor(4) }", backend="triton")
+    with pytest.raises(pd.PatternError) as info:
+        far.backends("cuda")
+    assert "no Triton kernel for near + far yet" in info.value.hint
 
 
 def test_a_backend_without_score_terms_refuses_the_stage():

@@ -37,7 +37,10 @@ class TritonBackend:
             return f"cannot import triton: {e}"
         norm = stage.normaliser
         if getattr(stage, "score", None) is not None:
-            return f"no Triton kernel for score terms yet ({stage.score.source()})"
+            from .scored import unsupported
+            why = unsupported(stage.score)
+            if why:
+                return f"{why} ({stage.score.source()})"
         if isinstance(norm, Linear) and not isinstance(norm.feature_map, (Favor, ReluFeatures, Elu1)):
             return f"no Triton kernel for the feature map {type(norm.feature_map).__name__}"
         return None
@@ -47,6 +50,8 @@ class TritonBackend:
         from ...ir.program import Softmax
         from .codegen import is_band
         norm = stage.normaliser
+        if isinstance(norm, Softmax) and getattr(stage, "score", None) is not None:
+            return "scored flash attention (generated score_tile and mask_tile on every tile of the layout)"
         if isinstance(norm, Softmax):
             walk = "band loop bounds" if is_band(stage.mask) else "tile list of the closed-form layout"
             return (f"block-sparse flash attention ({walk}; mask inlined on partial tiles only; long rows and "
@@ -67,6 +72,13 @@ class TritonBackend:
         q, k, v, _, kpm = _interim_groups_and_offset(q, k, v, None, key_padding_mask)
         return run_softmax(q, k, v, stage.mask, scale=scale, key_padding_mask=kpm, runtime=runtime,
                            q_offset=q_offset)
+
+    def scored(self, stage, q, k, v, *, scale, key_padding_mask=None, runtime=None, q_offset=0, head_offset=0,
+               tables=None, projection=None):
+        """A softmax stage with a bias (no learned tables) and/or a soft cap (`scored.py`)."""
+        from .scored import scored_attention
+        return scored_attention(stage, q, k, v, scale=scale, key_padding_mask=key_padding_mask, runtime=runtime,
+                                q_offset=q_offset, head_offset=head_offset)
 
     def linear(self, stage, q, k, v, *, projection, key_padding_mask=None, q_offset=0):
         from .favor import linear_attention
