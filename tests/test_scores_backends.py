@@ -51,7 +51,8 @@ def test_reference_equals_a_loop_over_pairs():
             keys = [j for j in range(12) if abs(i - j) <= 6 and j <= i and not kpm[0, j]]
             s = []
             for j in keys:
-                b = -slopes[h] * abs(i - j) + float(rel.detach()[h, term.bucket_of(abs(j - i), j > i)]) * 0.5 + 0.1 * h / (j + 1)
+                t5 = float(rel.detach()[h, term.bucket_of(abs(j - i), j > i)])
+                b = -slopes[h] * abs(i - j) + t5 * 0.5 + 0.1 * h / (j + 1)
                 x = float(q[0, h, r] @ k[0, h, j]) / 8 ** 0.5 + b
                 s.append(2.5 * torch.tanh(torch.tensor(x / 2.5, dtype=torch.float64)))
             want = torch.zeros(v.shape[-1], dtype=torch.float64)
@@ -208,3 +209,9 @@ def test_flex_score_mod_errors():
     with pytest.raises(pd.PatternError) as info:
         far.to_flex(score_mod=True)
     assert "has a far field" in info.value.message
+
+
+def test_decoding_refuses_score_terms_rather_than_dropping_them():
+    with pytest.raises(pd.PatternError) as info:
+        compile_("sliding(w)", "torch", causal=True).cache()
+    assert "has score terms" in info.value.message and "q_offset" in info.value.hint

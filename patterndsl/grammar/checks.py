@@ -149,9 +149,10 @@ class _Checker:
             arg = c.args[0] if c.args else next(k.value for k in c.kwargs if k.name == "table")
             if not (isinstance(arg, ast.Name) and arg.id in self.tables):
                 got = arg.id if isinstance(arg, ast.Name) else "an expression"
+                name = arg.id if isinstance(arg, ast.Name) else "rel"
                 raise PatternError(f"t5_bias(...) reads a bias table `param NAME[heads, buckets]`, got {got}",
                                    arg.span, hint=did_you_mean(got, self.tables)
-                                   or f"declare it first: param {got if isinstance(arg, ast.Name) else 'rel'}[heads, 32]")
+                                   or f"declare it first: param {name}[heads, 32]")
         if c.func in ("same", "nested"):
             arg = c.args[0] if c.args else c.kwargs[0].value
             if not isinstance(arg, ast.Name):
