@@ -82,7 +82,21 @@ def check_call(ir: ProgramIR, q, k, v, key_padding_mask, q_offset, inputs: dict)
     c = inputs.get(NESTED_KEYS)
     if NESTED_KEYS in input_names(ir):
         check_pack_keys(c, q, k)
+    k, v, c = silence_padding(key_padding_mask, k, v, c)
     return Call(q, k, v, key_padding_mask, offset, runtime, params, c)
+
+
+def silence_padding(key_padding_mask, *keyed):
+    """Key-side tensors `[B, H_kv, N_k, ...]` with padded positions set to 0 (None passes through).
+
+    Padding is a promise about dependence: no output may depend on a padded key. Every backend already leaves
+    padded keys out of its sums, but a non-finite value there would still reach outputs through `0 * nan` in a
+    matmul or a feature map's running max; zeroing them here keeps the promise for every backend at once, and
+    their gradients are exactly 0."""
+    if key_padding_mask is None:
+        return keyed
+    pad = key_padding_mask[:, None, :, None]
+    return tuple(None if t is None else t.masked_fill(pad, 0) for t in keyed)
 
 
 def check_tensors(q, k, v) -> None:
