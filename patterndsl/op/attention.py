@@ -54,6 +54,8 @@ class AttentionOp(ProjectionsMixin, InspectionMixin):
         self._draws: dict[str, int] = {}
         self._choice: dict = {}
         self._resolved: dict = {}
+        from ..backends.custom import prime
+        prime(st.mask for st in ir.stages)  # the custom ops' mask keys, computed before any tracing
         try:  # resolve imports now, not while torch.compile traces a call; a device it cannot use errors there
             self._stage_backends(_default_device())
         except PatternError:
