@@ -11,7 +11,7 @@ thresholds: `bucket(d) = #{k : d >= t_k}`; every target evaluates the same compa
 time, so the kernels agree with T5 bit for bit).
 
 >>> T5Bias("rel", 8, 20, True).thresholds
-(1, 2, 3)
+(1, 2, 7)
 >>> [T5Bias("rel", 32, 128, False).bucket_of(d) for d in (0, 15, 16, 50, 127, 128, 999)]
 [0, 15, 16, 24, 31, 31, 31]
 """

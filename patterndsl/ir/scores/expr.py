@@ -7,7 +7,7 @@ float; `/` is true division, and division by zero gives 0 (so every bias is tota
 
 >>> e = Bin("*", Const(-0.5), Fn("abs", (Bin("-", Var("i"), Var("j")),)))
 >>> e.source()
-'-0.5 * abs(i - j)'
+'(-0.5) * abs(i - j)'
 """
 from __future__ import annotations
 
