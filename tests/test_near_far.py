@@ -8,7 +8,7 @@ import torch
 
 import patterndsl as pd
 from patterndsl.backends.reference.features import draw_projection
-from tests.helpers import assert_close
+from helpers import assert_close
 
 SRC = "pattern nf(w: int = 4, m: int = 16, causal: bool = false) {{ attend softmax over {near}, causal = causal, " \
       "far = favor(m, seed = 2) }}"

@@ -6,7 +6,7 @@ import torch
 
 import patterndsl as pd
 from patterndsl.ir import scores as S
-from tests.helpers import assert_close
+from helpers import assert_close
 
 TERMS = "bias = -alibi_slope(h, heads) * abs(i - j) + t5_bias(rel, 16, 40, bidir) * 0.5 + 0.1 * h / (j + 1)"
 SRC = """pattern scored(heads: int = 4, w: int = 6, causal: bool = false, bidir: bool = true, cap: float = 2.5) {{

@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 import patterndsl as pd  # noqa: E402
 from patterndsl.backends.triton.scores import score_grid, score_source  # noqa: E402
 from patterndsl.ir.scores.ops import TorchScoreOps  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+from helpers import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs CUDA or TRITON_INTERPRET=1")
