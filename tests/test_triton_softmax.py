@@ -156,13 +156,20 @@ def test_backend_through_attention_op():
 
 def test_input_errors():
     q = torch.randn(1, 1, 8, 16, device=DEV)
-    with pytest.raises(PatternError, match="float16, bfloat16, float32 or float64 q, k, v of one dtype"):
+    with pytest.raises(PatternError, match="float16, bfloat16 or float32 tensors of one dtype, got torch.float32, "
+                                           "torch.float32, torch.float16"):
         softmax_attention(q, q, q.half(), M.CAUSAL)
+    with pytest.raises(PatternError, match="float64 inputs would come back at float32 accuracy") as e:
+        softmax_attention(q.double(), q.double(), q.double(), M.CAUSAL)
+    assert "backend='torch' or backend='reference'" in str(e.value)
     big = torch.randn(1, 1, 4, 512, device=DEV)
     with pytest.raises(PatternError, match="head dims up to 256, got q 512"):
         softmax_attention(big, big, big, M.CAUSAL)
     with pytest.raises(PatternError, match=r"q, k, v shapes do not fit: q \[1, 1, 8, 16\], k \[1, 1, 8, 8\]"):
         softmax_attention(q, q[..., :8], q, M.CAUSAL)
+    kv = torch.randn(1, 2, 8, 16, device=DEV)
+    with pytest.raises(PatternError, match=r"(?s)k \[1, 2, 8, 16\].*H_kv dividing H"):
+        softmax_attention(torch.randn(1, 3, 8, 16, device=DEV), kv, kv, M.CAUSAL)
     with pytest.raises(PatternError, match=r"q must be a tensor \[B, H, N, D\], got 3 dims"):
         softmax_attention(q[0], q, q, M.CAUSAL)
     with pytest.raises(PatternError, match=r"key_padding_mask must be bool \[1, 8\], got torch.int64 \[1, 8\]"):
@@ -243,11 +250,11 @@ def test_custom_op_registration():
     kpm[0, -3:] = True
     from patterndsl.backends.custom import register
     key = register("triton_softmax", M.sliding(3) | M.global_({0}), 16, 16, 2, 4)
-    torch.library.opcheck(S._softmax_op, (q, k, v, kpm, [], key, 0.25))
+    torch.library.opcheck(S._softmax_op, (q, k, v, kpm, [], key, 0.25, [0]))
     q, k, v = (x.detach() for x in (q, k, v))
-    out, lse = S._softmax_op(q, k, v, kpm, [], key, 0.25)
+    out, lse = S._softmax_op(q, k, v, kpm, [], key, 0.25, [0])
     do = torch.randn_like(out.transpose(1, 2)).transpose(1, 2)
-    torch.library.opcheck(S._softmax_bwd_op, (do, None, q, k, v, out, lse, kpm, [], key, 0.25))
+    torch.library.opcheck(S._softmax_bwd_op, (do, None, q, k, v, out, lse, kpm, [], key, 0.25, [0]))
 
 
 def test_torch_compile_attention_op_in_module():
