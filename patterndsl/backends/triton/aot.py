@@ -236,9 +236,9 @@ def _softmax_backward(args, out):
 
 def _linear_backward(args, out):
     from . import favor
-    q, k, v, w, kpm, kind, causal, eps, q_offset = args
+    q, k, v, w, kpm, kind, causal, eps, q_offset, segment = args
     o, den = out
-    favor.backward_body(torch.empty_like(o), q, k, v, w, kpm, o, den, kind, causal, eps, q_offset)
+    favor.backward_body(torch.empty_like(o), q, k, v, w, kpm, o, den, kind, causal, eps, q_offset, segment)
 
 
 def _luna_backward(args, out):

@@ -1,11 +1,13 @@
-"""Linear attention with fused feature maps, backward (the forward's notation, see favor_fwd.py).
+"""Linear attention with fused feature maps, backward (the forward's notation and segments, see favor_fwd.py).
 
 With `g_t = dout_t / den_t` and `gd_t = -(dout_t . out_t) / den_t`, each weight `w_tj` receives
 `G_tj = v_j . g_t + gd_t`. Then `dphi_q(t) = sum_j exp(ck_j - ck_t) P_j G_tj + EPS_K sum_j G_tj` (a forward
-scan over the same state as the forward), `dv_j = sum_t w_tj g_t` and `dP_j = sum_t exp(ck_j - ck_t) phi_q(t)
-G_tj` (a reverse scan with `R = sum_t exp(c - ck_t) phi_q(t)^T g_t`). Feature gradients go back through
-`u = x' W^T` (and `|x'|^2 / 2` for FAVOR+) with the stabilisers held constant, as in performer-pytorch's
-`.detach()`. One program per (batch-head, feature block); the launcher sums the partial dq, dk, dv.
+walk from the same states as the forward), `dv_j = sum_t w_tj g_t` and `dP_j = sum_t exp(ck_j - ck_t) phi_q(t)
+G_tj` (a reverse walk from `R = sum_t exp(c - ck_t) phi_q(t)^T g_t` over the later queries: local per segment
+in `favor_rstate_kernel`, combined into the state after each segment by the launcher). Feature gradients go
+back through `u = x' W^T` (and `|x'|^2 / 2` for FAVOR+) with the stabilisers held constant, as in
+performer-pytorch's `.detach()`. Each program writes partial dq, dk, dv for its feature block; the launcher
+sums them.
 """
 from __future__ import annotations
 
@@ -13,14 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .favor_fwd import FAVOR, _keys, _queries, _weight_tile, blocks, eps_values, precision
+from .favor_fwd import _keys, _load_state, _queries, _segment, _state_index, _weight_tile, _wt, eps_values
 
 
 @triton.jit
-def _grads(GN, GD, bh, t, in_t, N, BLOCK_DV: tl.constexpr):
-    rows = bh.to(tl.int64) * N + t
-    g = tl.load(GN + rows[:, None] * BLOCK_DV + tl.arange(0, BLOCK_DV)[None, :], mask=in_t[:, None], other=0.0)
-    return g, tl.load(GD + rows, mask=in_t, other=0.0)
+def _grads(GN, GD, bh, r, in_q, NQ, BLOCK_DV: tl.constexpr):
+    rows = bh.to(tl.int64) * NQ + r
+    g = tl.load(GN + rows[:, None] * BLOCK_DV + tl.arange(0, BLOCK_DV)[None, :], mask=in_q[:, None], other=0.0)
+    return g, tl.load(GD + rows, mask=in_q, other=0.0)
 
 
 @triton.jit
@@ -33,182 +35,210 @@ def _to_x(da, x, wt, KIND: tl.constexpr, scale_x, PREC: tl.constexpr):
 
 
 @triton.jit
-def _store(OUT, fb, bh, t, in_t, N, val, BLOCK: tl.constexpr):
-    rows = (fb * tl.num_programs(0) + bh).to(tl.int64) * N + t
-    tl.store(OUT + rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :], val, mask=in_t[:, None])
+def _store(OUT, fb, bh, r, ok, N, val, BLOCK: tl.constexpr):
+    rows = (fb * tl.num_programs(0) + bh).to(tl.int64) * N + r
+    tl.store(OUT + rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :], val, mask=ok[:, None])
 
 
-@triton.jit
-def favor_bwd_dq_kernel(Q, K, V, W, CQ, CK, KPM, GN, GD, DQP, SPHI, RSQ, NQ, NK, M, H, scale_x, EPS_Q, EPS_R, EPS_K,
-                        KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, D: tl.constexpr,
-                        DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+@triton.jit(do_not_specialize=["q_off"])
+def favor_bwd_dq_kernel(Q, K, V, W, CQ, CK, KPM, GN, GD, S, Z, VS, NS, CPREV, QOFF, DQP, SPHI, RSQ, q_off, NQ, NK,
+                        P, M, H, SEG, scale_x, EPS_Q, EPS_R, EPS_K, KIND: tl.constexpr, CAUSAL: tl.constexpr,
+                        HAS_KPM: tl.constexpr, ROW_OFFSETS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
-    bh = tl.program_id(0)
-    fb = tl.program_id(1)
+    """Program (bh, fb, s): the queries of segment s, walked forward from the state before it."""
+    bh, fb, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = bh // H
-    f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
-    fmask = f < M
-    offs_d = tl.arange(0, BLOCK_D)
-    wt = tl.load(W + f[None, :] * D + offs_d[:, None], mask=fmask[None, :] & (offs_d[:, None] < D),
-                 other=0.0).to(tl.float32)
-    S = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)
-    z = tl.zeros([BLOCK_F], tl.float32)
-    vs = tl.zeros([BLOCK_DV], tl.float32)
-    ns = 0.0
-    c_prev = tl.load(CK + bh.to(tl.int64) * NK)
-    if not CAUSAL:
-        for t0 in range(0, NK, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            p, _, _, v, _, valid = _keys(K, V, CK, KPM, bh, b, t, t < NK, fmask, wt, scale_x, NK, KIND, EPS_R,
-                                         HAS_KPM, D, DV, BLOCK_D, BLOCK_DV, PREC)
-            S += tl.dot(tl.trans(p), v, input_precision=PREC)
-            z += tl.sum(p, 0)
-            vs += tl.sum(tl.where(valid[:, None], v, 0.0), 0)
-            ns += tl.sum(valid.to(tl.float32), 0)
-    for t0 in range(0, NQ, BLOCK_T):   # causal: NQ == NK
+    if ROW_OFFSETS:
+        q_off = tl.load(QOFF + b)
+    wt, fmask = _wt(W, fb, M, D, BLOCK_D, BLOCK_F)
+    lo, hi = _segment(s, SEG, P)
+    hi = tl.minimum(hi, q_off + NQ)
+    hi = tl.where(hi > q_off, hi, lo)
+    if CAUSAL:
+        St, z, vs, ns = _load_state(S, Z, VS, NS, bh, fb, s, BLOCK_F, BLOCK_DV)
+        c_prev = tl.load(CPREV + bh.to(tl.int64) * tl.num_programs(2) + s)
+    else:
+        St, z, vs, ns = _load_state(S, Z, VS, NS, bh, fb, s * 0, BLOCK_F, BLOCK_DV)
+        c_prev = 0.0
+    for t0 in range(lo, hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        in_t = t < NQ
-        phi, dphi_du, qx = _queries(Q, CQ, bh, t, in_t, fmask, wt, scale_x, NQ, KIND, EPS_Q, D, BLOCK_D, PREC)
-        g, gd = _grads(GN, GD, bh, t, in_t, NQ, BLOCK_DV)
+        r = t - q_off
+        in_q = (r >= 0) & (r < NQ) & (t < hi)
+        phi, dphi_du, qx = _queries(Q, CQ, bh, r, in_q, NQ, fmask, wt, scale_x, KIND, EPS_Q, D, BLOCK_D, PREC)
+        g, gd = _grads(GN, GD, bh, r, in_q, NQ, BLOCK_DV)
         if CAUSAL:
-            p, _, _, v, ck, valid = _keys(K, V, CK, KPM, bh, b, t, in_t, fmask, wt, scale_x, NK, KIND, EPS_R,
-                                          HAS_KPM, D, DV, BLOCK_D, BLOCK_DV, PREC)
-            sc = tl.where(in_t, tl.exp(tl.where(in_t, c_prev - ck, 0.0)), 0.0)
-            dphi = sc[:, None] * (tl.dot(g, tl.trans(S), input_precision=PREC) + gd[:, None] * z[None, :])
+            p, _, _, v, ck, valid = _keys(K, V, CK, KPM, bh, b, t, (t < NK) & (t < hi), NK, P, fmask, wt, scale_x,
+                                          KIND, EPS_R, HAS_KPM, D, DV, BLOCK_D, BLOCK_DV, PREC)
+            ckq = tl.load(CK + bh.to(tl.int64) * P + t, mask=t < P, other=0.0)
+            sc = tl.where(in_q, tl.exp(tl.where(in_q, c_prev - ckq, 0.0)), 0.0)
+            dphi = sc[:, None] * (tl.dot(g, tl.trans(St), input_precision=PREC) + gd[:, None] * z[None, :])
             eps_term = EPS_K * (tl.sum(g * vs[None, :], 1) + gd * ns)
-            decay, ok = _weight_tile(ck, ck, in_t, valid, t, t)
+            decay, ok = _weight_tile(ckq, ck, in_q, valid, t, t)
             gi = tl.dot(g, tl.trans(v), input_precision=PREC) + gd[:, None]
             dphi += tl.dot(decay * gi, p, input_precision=PREC)
             eps_term += EPS_K * tl.sum(tl.where(ok, gi, 0.0), 1)
-            c_end = tl.max(tl.where(in_t, ck, float("-inf")), 0)
+            c_end = tl.load(CK + bh.to(tl.int64) * P + tl.minimum(t0 + BLOCK_T, P) - 1)
             pe = p * tl.where(valid, tl.exp(tl.where(valid, ck - c_end, 0.0)), 0.0)[:, None]
             rescale = tl.exp(c_prev - c_end)
-            S = S * rescale + tl.dot(tl.trans(pe), v, input_precision=PREC)
+            St = St * rescale + tl.dot(tl.trans(pe), v, input_precision=PREC)
             z = z * rescale + tl.sum(pe, 0)
             vs += tl.sum(tl.where(valid[:, None], v, 0.0), 0)
             ns += tl.sum(valid.to(tl.float32), 0)
             c_prev = c_end
         else:
-            dphi = tl.dot(g, tl.trans(S), input_precision=PREC) + gd[:, None] * z[None, :]
+            dphi = tl.dot(g, tl.trans(St), input_precision=PREC) + gd[:, None] * z[None, :]
             eps_term = EPS_K * (tl.sum(g * vs[None, :], 1) + gd * ns)
         dphi += eps_term[:, None]
         da = tl.where(fmask[None, :], dphi * dphi_du, 0.0)
-        _store(DQP, fb, bh, t, in_t, NQ, _to_x(da, qx, wt, KIND, scale_x, PREC), BLOCK_D)
-        rows = (fb * tl.num_programs(0) + bh).to(tl.int64) * NQ + t
-        tl.store(SPHI + rows, tl.sum(phi, 1), mask=in_t)     # for the stabilisers' gradients
-        tl.store(RSQ + rows, tl.sum(da, 1), mask=in_t)
+        _store(DQP, fb, bh, r, in_q, NQ, _to_x(da, qx, wt, KIND, scale_x, PREC), BLOCK_D)
+        rows = (fb * tl.num_programs(0) + bh).to(tl.int64) * NQ + r
+        tl.store(SPHI + rows, tl.sum(phi, 1), mask=in_q)     # for the stabilisers' gradients
+        tl.store(RSQ + rows, tl.sum(da, 1), mask=in_q)
 
 
-@triton.jit
-def favor_bwd_dkdv_kernel(Q, K, V, W, CQ, CK, KPM, GN, GD, DKP, DVP, NQ, NK, M, H, scale_x, EPS_Q, EPS_R, EPS_K,
-                          KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, D: tl.constexpr,
-                          DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
-    bh = tl.program_id(0)
-    fb = tl.program_id(1)
+@triton.jit(do_not_specialize=["q_off"])
+def favor_rstate_kernel(Q, W, CQ, CK, GN, GD, QOFF, R, RR, SG, q_off, NQ, P, M, H, SEG, scale_x, EPS_Q,
+                        KIND: tl.constexpr, CAUSAL: tl.constexpr, ROW_OFFSETS: tl.constexpr, D: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    """Program (bh, fb, s): the queries of segment s summed into a local reverse state, relative to the
+    stabiliser at the segment's first position (causal)."""
+    bh, fb, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if ROW_OFFSETS:
+        q_off = tl.load(QOFF + bh // H)
+    wt, fmask = _wt(W, fb, M, D, BLOCK_D, BLOCK_F)
+    lo, hi = _segment(s, SEG, P)
+    if CAUSAL:
+        c_start = tl.load(CK + bh.to(tl.int64) * P + tl.minimum(lo, P - 1))
+    else:
+        c_start = 0.0
+    Rt = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)
+    rr = tl.zeros([BLOCK_F], tl.float32)
+    sg = tl.zeros([BLOCK_DV], tl.float32)
+    for t0 in range(lo, hi, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        r = t - q_off
+        in_q = (r >= 0) & (r < NQ) & (t < hi)
+        phi, _, _ = _queries(Q, CQ, bh, r, in_q, NQ, fmask, wt, scale_x, KIND, EPS_Q, D, BLOCK_D, PREC)
+        g, gd = _grads(GN, GD, bh, r, in_q, NQ, BLOCK_DV)
+        sphi = tl.sum(phi, 1)
+        if CAUSAL:
+            ckq = tl.load(CK + bh.to(tl.int64) * P + t, mask=in_q, other=0.0)
+            phi = phi * tl.where(in_q, tl.exp(tl.where(in_q, c_start - ckq, 0.0)), 0.0)[:, None]
+        Rt += tl.dot(tl.trans(phi), g, input_precision=PREC)
+        rr += tl.sum(phi * gd[:, None], 0)
+        sg += tl.sum(sphi[:, None] * g, 0)
+    row = _state_index(bh, fb, s)
+    offs_f = tl.arange(0, BLOCK_F)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    tl.store(R + (row * BLOCK_F + offs_f[:, None]) * BLOCK_DV + offs_dv[None, :], Rt)
+    tl.store(RR + row * BLOCK_F + offs_f, rr)
+    tl.store(SG + row * BLOCK_DV + offs_dv, sg)
+
+
+@triton.jit(do_not_specialize=["q_off"])
+def favor_bwd_dkdv_kernel(Q, K, V, W, CQ, CK, KPM, GN, GD, R, RR, SG, CREF, QOFF, DKP, DVP, q_off, NQ, NK, P,
+                          M, H, SEG, scale_x, EPS_Q, EPS_R, EPS_K, KIND: tl.constexpr,
+                          CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ROW_OFFSETS: tl.constexpr,
+                          D: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    """Program (bh, fb, s): the keys of segment s, walked backward from the state of the later queries."""
+    bh, fb, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = bh // H
-    f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
-    fmask = f < M
-    offs_d = tl.arange(0, BLOCK_D)
-    wt = tl.load(W + f[None, :] * D + offs_d[:, None], mask=fmask[None, :] & (offs_d[:, None] < D),
-                 other=0.0).to(tl.float32)
-    R = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)   # sum_t exp(c_ref - ck_t) phi_q(t)^T g_t over later queries
-    r = tl.zeros([BLOCK_F], tl.float32)
-    sg = tl.zeros([BLOCK_DV], tl.float32)           # sum_t sphi_t g_t
-    n_chunks = tl.cdiv(NK, BLOCK_T)
-    c_ref = tl.load(CK + bh.to(tl.int64) * NK + NK - 1)
-    if not CAUSAL:
-        for t0 in range(0, NQ, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            phi, _, _ = _queries(Q, CQ, bh, t, t < NQ, fmask, wt, scale_x, NQ, KIND, EPS_Q, D, BLOCK_D, PREC)
-            g, gd = _grads(GN, GD, bh, t, t < NQ, NQ, BLOCK_DV)
-            R += tl.dot(tl.trans(phi), g, input_precision=PREC)
-            r += tl.sum(phi * gd[:, None], 0)
-            sg += tl.sum(tl.sum(phi, 1)[:, None] * g, 0)
+    if ROW_OFFSETS:
+        q_off = tl.load(QOFF + b)
+    wt, fmask = _wt(W, fb, M, D, BLOCK_D, BLOCK_F)
+    lo, hi = _segment(s, SEG, P)
+    if CAUSAL:
+        row = _state_index(bh, fb, s)
+        c_ref = tl.load(CREF + bh.to(tl.int64) * tl.num_programs(2) + s)
+    else:
+        row = _state_index(bh, fb, s * 0)
+        c_ref = 0.0
+    offs_f = tl.arange(0, BLOCK_F)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    Rt = tl.load(R + (row * BLOCK_F + offs_f[:, None]) * BLOCK_DV + offs_dv[None, :])
+    rr = tl.load(RR + row * BLOCK_F + offs_f)
+    sg = tl.load(SG + row * BLOCK_DV + offs_dv)
+    n_chunks = tl.cdiv(hi - lo, BLOCK_T)
     for c in range(0, n_chunks):
-        t = (n_chunks - 1 - c) * BLOCK_T + tl.arange(0, BLOCK_T)   # last chunk first
-        in_t = t < NK
-        p, dp_du, kx, v, ck, valid = _keys(K, V, CK, KPM, bh, b, t, in_t, fmask, wt, scale_x, NK, KIND, EPS_R,
+        t0 = lo + (n_chunks - 1 - c) * BLOCK_T                      # last chunk first
+        t = t0 + tl.arange(0, BLOCK_T)
+        in_k = (t < hi) & (t < NK)
+        p, dp_du, kx, v, ck, valid = _keys(K, V, CK, KPM, bh, b, t, in_k, NK, P, fmask, wt, scale_x, KIND, EPS_R,
                                            HAS_KPM, D, DV, BLOCK_D, BLOCK_DV, PREC)
         if CAUSAL:
             sc = tl.where(valid, tl.exp(tl.where(valid, ck - c_ref, 0.0)), 0.0)
         else:
             sc = valid.to(tl.float32)
-        dv = sc[:, None] * tl.dot(p, R, input_precision=PREC) + tl.where(valid[:, None], EPS_K * sg[None, :], 0.0)
-        dp = sc[:, None] * (tl.dot(v, tl.trans(R), input_precision=PREC) + r[None, :])
+        dv = sc[:, None] * tl.dot(p, Rt, input_precision=PREC) + tl.where(valid[:, None], EPS_K * sg[None, :], 0.0)
+        dp = sc[:, None] * (tl.dot(v, tl.trans(Rt), input_precision=PREC) + rr[None, :])
         if CAUSAL:
-            phi, _, _ = _queries(Q, CQ, bh, t, in_t, fmask, wt, scale_x, NQ, KIND, EPS_Q, D, BLOCK_D, PREC)
-            g, gd = _grads(GN, GD, bh, t, in_t, NQ, BLOCK_DV)
+            r = t - q_off
+            in_q = (r >= 0) & (r < NQ) & (t < hi)
+            phi, _, _ = _queries(Q, CQ, bh, r, in_q, NQ, fmask, wt, scale_x, KIND, EPS_Q, D, BLOCK_D, PREC)
+            g, gd = _grads(GN, GD, bh, r, in_q, NQ, BLOCK_DV)
             sphi = tl.sum(phi, 1)
-            decay, ok = _weight_tile(ck, ck, in_t, valid, t, t)                # [t, j]
+            ckq = tl.load(CK + bh.to(tl.int64) * P + t, mask=t < P, other=0.0)
+            decay, ok = _weight_tile(ckq, ck, in_q, valid, t, t)                # [query t, key j]
             wts = tl.dot(phi, tl.trans(p), input_precision=PREC) * decay + tl.where(ok, EPS_K * sphi[:, None], 0.0)
             dv += tl.dot(tl.trans(wts), g, input_precision=PREC)
-            gi = tl.dot(g, tl.trans(v), input_precision=PREC) + gd[:, None]    # [t, j]
+            gi = tl.dot(g, tl.trans(v), input_precision=PREC) + gd[:, None]     # [query t, key j]
             dp += tl.dot(tl.trans(decay * gi), phi, input_precision=PREC)
-            c_new = tl.min(tl.where(in_t, ck, float("inf")), 0)
-            qe = phi * tl.where(in_t, tl.exp(tl.where(in_t, c_new - ck, 0.0)), 0.0)[:, None]
+            c_new = tl.load(CK + bh.to(tl.int64) * P + t0)
+            qe = phi * tl.where(in_q, tl.exp(tl.where(in_q, c_new - ckq, 0.0)), 0.0)[:, None]
             rescale = tl.exp(c_new - c_ref)
-            R = R * rescale + tl.dot(tl.trans(qe), g, input_precision=PREC)
-            r = r * rescale + tl.sum(qe * gd[:, None], 0)
+            Rt = Rt * rescale + tl.dot(tl.trans(qe), g, input_precision=PREC)
+            rr = rr * rescale + tl.sum(qe * gd[:, None], 0)
             sg += tl.sum(sphi[:, None] * g, 0)
             c_ref = c_new
         da = tl.where(valid[:, None] & fmask[None, :], dp * dp_du, 0.0)
-        _store(DKP, fb, bh, t, in_t, NK, _to_x(da, kx, wt, KIND, scale_x, PREC), BLOCK_D)
-        _store(DVP, fb, bh, t, in_t, NK, tl.where(valid[:, None], dv, 0.0), BLOCK_DV)
+        _store(DKP, fb, bh, t, in_k, NK, _to_x(da, kx, wt, KIND, scale_x, PREC), BLOCK_D)
+        _store(DVP, fb, bh, t, in_k, NK, tl.where(valid[:, None], dv, 0.0), BLOCK_DV)
 
 
-# ----------------------------------------------------------------------------------------------- launcher
-def favor_bwd(dout, q, k, v, w, stab, kpm, out, den, kind: int, causal: bool, eps: float, scale_x: float):
-    """(dq, dk, dv) in the inputs' dtypes; `out`, `den` from the forward, `stab` the `Stabilisers`.
-    Tensors contiguous; causal needs N_q == N_k."""
-    B, H, N, D = q.shape
-    NK, DV, M = k.shape[2], v.shape[3], w.shape[0]
-    bt, bf = blocks(max(N, NK), M, q.device)
-    nf = triton.cdiv(M, bf)
-    bd, bdv = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
-    safe = torch.where(den > 0, den, 1.0)
-    g = torch.where((den > 0)[..., None], dout.float() / safe[..., None], 0.0)
-    gd = torch.where(den > 0, -(dout.float() * out.float()).sum(-1) / safe, 0.0)
-    gn = torch.nn.functional.pad(g, (0, bdv - DV)).contiguous()
+# ----------------------------------------------------------------------------------------------- launchers
+def reverse_states(q, w, cq, ck, gn, gd, offsets, P: int, seg: int, n_seg: int, scale_x: float, eps_q: float,
+                   opts: dict):
+    """Local reverse states of every segment of queries: R `[n_seg, BH, nf, BF, BDV]`, r `[n_seg, BH, nf, BF]`,
+    sums of sphi g `[n_seg, BH, nf, BDV]` (P: the query domain's length)."""
+    B, H, NQ, _ = q.shape
+    bf, bdv = opts["BLOCK_F"], opts["BLOCK_DV"]
+    nf = triton.cdiv(w.shape[0], bf)
     f32 = dict(dtype=torch.float32, device=q.device)
-    dqp, dkp = torch.zeros(nf, B * H, N, bd, **f32), torch.zeros(nf, B * H, NK, bd, **f32)
-    dvp = torch.zeros(nf, B * H, NK, bdv, **f32)
-    sphi, rsq = torch.zeros(nf, B * H, N, **f32), torch.zeros(nf, B * H, N, **f32)
-    if N and NK and B * H:
-        args = (q, k, v, w, stab.cq, stab.ck, kpm if kpm is not None else stab.cq, gn, gd.contiguous())
-        meta = dict(KIND=kind, CAUSAL=causal, HAS_KPM=kpm is not None, D=D, DV=DV, BLOCK_T=bt, BLOCK_F=bf,
-                    BLOCK_D=bd, BLOCK_DV=bdv, PREC=precision(q.dtype))
-        scalars = (N, NK, M, H, scale_x, *eps_values(kind, eps))
-        favor_bwd_dq_kernel[(B * H, nf)](*args, dqp, sphi, rsq, *scalars, **meta)
-        favor_bwd_dkdv_kernel[(B * H, nf)](*args, dkp, dvp, *scalars, **meta)
-    dq = dqp.sum(0)[..., :D].reshape(B, H, N, D)
-    dk = dkp.sum(0)[..., :D].reshape(B, H, NK, D)
-    dv = dvp.sum(0)[..., :DV].reshape(B, H, NK, DV)
-    if kind == FAVOR and N and NK:
-        valid = torch.ones(B, NK, dtype=torch.bool, device=q.device) if kpm is None else kpm == 0
-        _stabiliser_grads(dq, dk, g, gd, sphi.sum(0).view(B, H, N), rsq.sum(0).view(B, H, N), v, valid,
-                          w.float() * scale_x, stab, causal, eps)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    R, RR = torch.empty(n_seg, B * H, nf, bf, bdv, **f32), torch.empty(n_seg, B * H, nf, bf, **f32)
+    SG = torch.empty(n_seg, B * H, nf, bdv, **f32)
+    keep = {k: opts[k] for k in ("KIND", "CAUSAL", "D", "BLOCK_T", "BLOCK_F", "BLOCK_D", "BLOCK_DV", "PREC")}
+    favor_rstate_kernel[(B * H, nf, n_seg)](
+        q, w, cq, ck, gn, gd, offsets.tensor(cq), R, RR, SG, offsets.scalar if opts["CAUSAL"] else 0, NQ, P,
+        w.shape[0], H, seg, scale_x, eps_q, ROW_OFFSETS=offsets.per_row and opts["CAUSAL"], **keep)
+    return R, RR, SG
 
 
-def _stabiliser_grads(dq, dk, g, gd, sphi, rsq, v, valid, ws, stab, causal: bool, eps: float) -> None:
-    """Add, in place, the gradients that flow through the FAVOR+ maxima to the arg-max feature of each.
-
-    Query t: `d cq_t = -sum_f dL/du_tf` (from the kernel). Keys: since `sum_j w_tj G_tj = 0`, only the eps
-    term moves: `d ck_t = eps * sum_f phi_q(t) * sum_{valid j (<= t)} G_tj`; it reaches the key that holds
-    the max (the running max's arg-max when causal)."""
-    dq += rsq.neg()[..., None] * ws[stab.q_arg]
-    vv = v.float() * valid[:, None, :, None]
-    cnt = valid[:, None, :].float()
-    if causal:
-        sg = (g * vv.cumsum(2)).sum(-1) + gd * cnt.cumsum(-1)
-    else:
-        sg = (g * vv.sum(2, keepdim=True)).sum(-1) + gd * cnt.sum(-1, keepdim=True)
-    dr = eps * sphi * sg                                                   # [B, H, N]
-    if not causal:
-        dr = dr.sum(-1, keepdim=True)
-    B, H, NK, D = dk.shape
-    j = stab.j_star.expand(B, H, dr.shape[-1])
-    feat = torch.gather(stab.k_arg, 2, j)                                  # arg-max feature of that key
-    add = dr[..., None] * ws[feat]                                         # [B, H, N, D]
-    dk.view(B * H, NK, D).scatter_add_(1, j.reshape(B * H, -1, 1).expand(-1, -1, D), add.reshape(B * H, -1, D))
+def favor_bwd(q, k, v, w, cq, ck, kpm, gn, gd, states, c_prev, rstates, c_ref, offsets, P: int, seg_q: int,
+              n_q: int, seg_k: int, n_k: int, kind: int, eps: float, scale_x: float, opts: dict):
+    """Partial-summed (dq `[B, H, N_q, BD]`, dk, dv, sphi `[B, H, N_q]`, rsq `[B, H, N_q]`) in float32: the forward
+    walk over query segments (states before each, `c_prev`) and the reverse walk over key segments (states of the
+    later queries `rstates`, `c_ref`)."""
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    bf, bd, bdv = opts["BLOCK_F"], opts["BLOCK_D"], opts["BLOCK_DV"]
+    nf = triton.cdiv(w.shape[0], bf)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    causal = opts["CAUSAL"]
+    dqp, sphi, rsq = torch.empty(nf, B * H, NQ, bd, **f32), torch.empty(nf, B * H, NQ, **f32), \
+        torch.empty(nf, B * H, NQ, **f32)
+    seen = min(NK, P) if causal else NK                # keys past the last query get no gradient
+    alloc = torch.empty if seen == NK else torch.zeros
+    dkp, dvp = alloc(nf, B * H, NK, bd, **f32), alloc(nf, B * H, NK, bdv, **f32)
+    kpm_ = kpm if kpm is not None else cq
+    q_off = offsets.scalar if causal else 0
+    eps3 = eps_values(kind, eps)
+    rows = dict(ROW_OFFSETS=offsets.per_row and causal, **opts)
+    favor_bwd_dq_kernel[(B * H, nf, n_q)](q, k, v, w, cq, ck, kpm_, gn, gd, *states, c_prev, offsets.tensor(cq), dqp,
+                                          sphi, rsq, q_off, NQ, NK, P, w.shape[0], H, seg_q, scale_x, *eps3, **rows)
+    favor_bwd_dkdv_kernel[(B * H, nf, n_k)](q, k, v, w, cq, ck, kpm_, gn, gd, *rstates, c_ref, offsets.tensor(cq), dkp,
+                                            dvp, q_off, NQ, NK, P if causal else NK, w.shape[0], H, seg_k,
+                                            scale_x, *eps3, **rows)
+    return dqp.sum(0), dkp.sum(0), dvp.sum(0), sphi.sum(0), rsq.sum(0)

@@ -1,34 +1,40 @@
-"""Causal Luna, backward (notation of luna_fwd.py): a forward scan for dq, then a reverse scan for dk, dv, dc, dp.
+"""Causal Luna, backward (notation of luna_fwd.py): a forward walk for dq, then a reverse walk for dk, dv, dc, dp,
+both over parallel segments.
 
 With `go_t = inv_t dout_t`: `dA_t = Vc_t go_t`, `dL_t = A_t * (dA_t - A_t . dA_t) * inv_t` (softmax backward
-through the 1/n_t), `dq_t = s Kc_t dL_t`. The forward scan stores `A` and `dL` (`[N, l]` each); the reverse
-scan keeps `GK = sum_{t later} s q_t^T dL_t` and `GV = sum_{t later} A_t^T go_t`, from which
-`dk_j = GK a_j`, `dv_j = a_j GV`, `da_j = k_j GK + GV v_j` (plus the in-chunk `t >= j` terms), and
-`a = softplus_beta(x)` passes `da * sigmoid(beta x)` on to `c` and `p`.
+through the 1/n_t), `dq_t = s Kc_t dL_t`. The forward walk (from the forward's states) stores `A` and `dL`
+(`[N, l]` each); `luna_rstate_kernel` sums each segment's `s q_t^T dL_t` and `A_t^T go_t`, the launcher
+turns them into the sums over later segments `GK`, `GV`, and the reverse walk gives `dk_j = GK a_j`,
+`dv_j = a_j GV`, `da_j = k_j GK + GV v_j` (plus the in-chunk `t >= j` terms); `a = softplus_beta(x)` passes
+`da * sigmoid(beta x)` on to `c` and `p` (dp summed over segments by the launcher).
 """
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
+import triton
 
-from .luna_fwd import BETA, _attn, _packed_weights, _rows, luna_meta
+from .luna_fwd import BETA, _attn, _matrix, _packed_weights, _put_matrix, _rows
 
 
 @triton.jit
-def luna_bwd_dq_kernel(Q, K, V, P, C, KPM, INV, DO, DQ, AS, DLS, N, L, H, s, BETA_: tl.constexpr,
+def luna_bwd_dq_kernel(Q, K, V, P, C, KPM, INV, DO, KC, VC, DQ, AS, DLS, N, L, H, SEG, s, BETA_: tl.constexpr,
                        HAS_KPM: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
-    bh = tl.program_id(0)
+    """Program (bh, g): dq, A and dL of segment g, walked from the states before it."""
+    bh, g = tl.program_id(0), tl.program_id(1)
     b = bh // H
     bh64 = bh.to(tl.int64)
-    Kc = tl.zeros([BLOCK_D, BLOCK_L], tl.float32)
-    Vc = tl.zeros([BLOCK_L, BLOCK_DV], tl.float32)
+    row = g.to(tl.int64) * tl.num_programs(0) + bh
+    Kc = _matrix(KC, row, BLOCK_D, BLOCK_L)
+    Vc = _matrix(VC, row, BLOCK_L, BLOCK_DV)
     offs_d = tl.arange(0, BLOCK_D)
     offs_l = tl.arange(0, BLOCK_L)
-    for t0 in range(0, N, BLOCK_T):
+    lo = g * SEG
+    hi = tl.minimum(lo + SEG, N)
+    for t0 in range(lo, hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        in_t = t < N
+        in_t = t < hi
         a, _, _, _, _ = _packed_weights(C, P, KPM, bh, b, t, in_t, N, L, s, BETA_, HAS_KPM, D, BLOCK_D, BLOCK_L,
                                         PREC)
         q = _rows(Q, bh, t, in_t, N, D, BLOCK_D)
@@ -52,22 +58,54 @@ def luna_bwd_dq_kernel(Q, K, V, P, C, KPM, INV, DO, DQ, AS, DLS, N, L, H, s, BET
 
 
 @triton.jit
-def luna_bwd_dkv_kernel(Q, K, V, P, C, KPM, INV, DO, AS, DLS, DK, DV_, DC, DP, N, L, H, s, BETA_: tl.constexpr,
-                        HAS_KPM: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr,
-                        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
-    bh = tl.program_id(0)
+def luna_rstate_kernel(Q, INV, DO, AS, DLS, GKS, GVS, N, H, SEG, s, D: tl.constexpr, DV: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    """Program (bh, g): `sum s q^T dL` and `sum A^T go` over segment g."""
+    bh, g = tl.program_id(0), tl.program_id(1)
     b = bh // H
-    bh64 = bh.to(tl.int64)
+    offs_l = tl.arange(0, BLOCK_L)
+    lo = g * SEG
+    hi = tl.minimum(lo + SEG, N)
     GK = tl.zeros([BLOCK_D, BLOCK_L], tl.float32)
     GV = tl.zeros([BLOCK_L, BLOCK_DV], tl.float32)
+    for t0 in range(lo, hi, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        in_t = t < hi
+        rows = bh.to(tl.int64) * N + t
+        attn = tl.load(AS + rows[:, None] * BLOCK_L + offs_l[None, :], mask=in_t[:, None], other=0.0)
+        dl = tl.load(DLS + rows[:, None] * BLOCK_L + offs_l[None, :], mask=in_t[:, None], other=0.0)
+        inv = tl.load(INV + b * N + t, mask=in_t, other=0.0)
+        GK += tl.dot(tl.trans(_rows(Q, bh, t, in_t, N, D, BLOCK_D) * s), dl, input_precision=PREC)
+        GV += tl.dot(tl.trans(attn), _rows(DO, bh, t, in_t, N, DV, BLOCK_DV) * inv[:, None], input_precision=PREC)
+    row = g.to(tl.int64) * tl.num_programs(0) + bh
+    _put_matrix(GKS, row, GK, BLOCK_D, BLOCK_L)
+    _put_matrix(GVS, row, GV, BLOCK_L, BLOCK_DV)
+
+
+@triton.jit
+def luna_bwd_dkv_kernel(Q, K, V, P, C, KPM, INV, DO, AS, DLS, GKS, GVS, DK, DV_, DC, DPP, N, L, H, SEG, s,
+                        BETA_: tl.constexpr, HAS_KPM: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    """Program (bh, g): dk, dv, dc of segment g walked backward from the sums over later segments, and this
+    segment's part of dp."""
+    bh, g = tl.program_id(0), tl.program_id(1)
+    b = bh // H
+    bh64 = bh.to(tl.int64)
+    row = g.to(tl.int64) * tl.num_programs(0) + bh
+    GK = _matrix(GKS, row, BLOCK_D, BLOCK_L)
+    GV = _matrix(GVS, row, BLOCK_L, BLOCK_DV)
     dp = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_l = tl.arange(0, BLOCK_L)
-    n_chunks = tl.cdiv(N, BLOCK_T)
+    lo = g * SEG
+    hi = tl.minimum(lo + SEG, N)
+    n_chunks = tl.cdiv(hi - lo, BLOCK_T)
     for i in range(0, n_chunks):
-        t = (n_chunks - 1 - i) * BLOCK_T + tl.arange(0, BLOCK_T)      # last chunk first
-        in_t = t < N
+        t = lo + (n_chunks - 1 - i) * BLOCK_T + tl.arange(0, BLOCK_T)      # last chunk first
+        in_t = t < hi
         a, x, c, p, valid = _packed_weights(C, P, KPM, bh, b, t, in_t, N, L, s, BETA_, HAS_KPM, D, BLOCK_D,
                                             BLOCK_L, PREC)
         qs = _rows(Q, bh, t, in_t, N, D, BLOCK_D) * s
@@ -97,24 +135,29 @@ def luna_bwd_dkv_kernel(Q, K, V, P, C, KPM, INV, DO, AS, DLS, DK, DV_, DC, DP, N
                  mask=in_t[:, None] & (offs_dv[None, :] < DV))
         GK += tl.dot(tl.trans(qs), dl, input_precision=PREC)
         GV += tl.dot(tl.trans(attn), go, input_precision=PREC)
-    tl.store(DP + bh64 * L * D + offs_l[:, None] * D + offs_d[None, :], dp.to(DP.dtype.element_ty),
-             mask=(offs_l[:, None] < L) & (offs_d[None, :] < D))
+    _put_matrix(DPP, row, dp, BLOCK_L, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------- launcher
-def luna_bwd(dout, q, k, v, p, c, key_padding_mask, inv):
-    """(dq, dk, dv, dp, dc) of causal Luna; tensors contiguous, p `[B, H, l, D]`."""
+def luna_bwd(dout, q, k, v, p, c, kpm, inv, states, suffix, seg: int, n_seg: int, opts: dict):
+    """(dq, dk, dv, dp, dc) of causal Luna; tensors contiguous, p `[B, H, l, D]`; `states` the forward's states
+    before each segment, `suffix(local)` turns local segment sums into sums over later segments."""
     B, H, N, D = q.shape
-    grads = [torch.zeros_like(x) for x in (q, k, v, p, c)]
-    if not (B * H and N):
-        return tuple(grads)
-    dq, dk, dv, dp, dc = grads
-    meta = luna_meta(q, v, p)
-    scratch = torch.empty(2, B * H, N, meta["BLOCK_L"], dtype=torch.float32, device=q.device)
-    kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else inv
-    common = (q, k, v, p, c, kpm, inv, dout)
-    scalars = (N, p.shape[2], H, D ** -0.5)
-    flags = dict(BETA_=BETA, HAS_KPM=key_padding_mask is not None, D=D, DV=v.shape[3], **meta)
-    luna_bwd_dq_kernel[(B * H,)](*common, dq, scratch[0], scratch[1], *scalars, **flags)
-    luna_bwd_dkv_kernel[(B * H,)](*common, scratch[0], scratch[1], dk, dv, dc, dp, *scalars, **flags)
+    L = p.shape[2]
+    dq, dk, dv, dc = (torch.empty_like(x) for x in (q, k, v, c))
+    f32 = dict(dtype=torch.float32, device=q.device)
+    scratch = torch.empty(2, B * H, N, opts["BLOCK_L"], **f32)
+    kpm = kpm if kpm is not None else inv
+    flags = dict(BETA_=BETA, HAS_KPM=kpm is not inv, D=D, DV=v.shape[3], **opts)
+    scalars = (N, L, H, seg, D ** -0.5)
+    luna_bwd_dq_kernel[(B * H, n_seg)](q, k, v, p, c, kpm, inv, dout, *states, dq, scratch[0], scratch[1], *scalars,
+                                       **flags)
+    gk = torch.empty(n_seg, B * H, opts["BLOCK_D"], opts["BLOCK_L"], **f32)
+    gv = torch.empty(n_seg, B * H, opts["BLOCK_L"], opts["BLOCK_DV"], **f32)
+    luna_rstate_kernel[(B * H, n_seg)](q, inv, dout, scratch[0], scratch[1], gk, gv, N, H, seg, D ** -0.5, D=D,
+                                       DV=v.shape[3], **opts)
+    dpp = torch.empty(n_seg, B * H, opts["BLOCK_L"], opts["BLOCK_D"], **f32)
+    luna_bwd_dkv_kernel[(B * H, n_seg)](q, k, v, p, c, kpm, inv, dout, scratch[0], scratch[1], suffix(gk),
+                                        suffix(gv), dk, dv, dc, dpp, *scalars, **flags)
+    dp = dpp.sum(0)[:, :L, :D].reshape(B, H, L, D).to(p.dtype)
     return dq, dk, dv, dp, dc
