@@ -162,8 +162,8 @@ def test_custom_op_registration():
     kpm = torch.zeros(1, 40, dtype=torch.bool, device=DEV)
     kpm[0, -3:] = True
     w = torch.randn(16, 16, device=DEV)
-    torch.library.opcheck(F._linear_op, (q, k, v, w, kpm, F.FAVOR, True, 1e-4))
+    torch.library.opcheck(F._linear_op, (q, k, v, w, kpm, F.FAVOR, True, 1e-4, [0], 0))
     q, k, v = (x.detach() for x in (q, k, v))
-    out, den = F._linear_op(q, k, v, w, kpm, F.FAVOR, True, 1e-4)
+    out, den = F._linear_op(q, k, v, w, kpm, F.FAVOR, True, 1e-4, [0], 0)
     do = torch.randn_like(out.transpose(1, 2)).transpose(1, 2)
-    torch.library.opcheck(F._linear_bwd_op, (do, q, k, v, w, kpm, out, den, F.FAVOR, True, 1e-4))
+    torch.library.opcheck(F._linear_bwd_op, (do, q, k, v, w, kpm, out, den, F.FAVOR, True, 1e-4, [0], 0))

@@ -153,7 +153,7 @@ def _recording(arch: int, launches: dict):
     from triton.runtime.jit import JITFunction
 
     def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
-        opts = json.loads(compile["specialization_data"])["options"]
+        opts = {k: _tuples(v) for k, v in json.loads(compile["specialization_data"])["options"].items()}
         jit = fn.jit_function
         k = (jit.__name__, repr, str(compile["constants"]))
         rec = launches.setdefault(k, Launch(jit, dict(compile["signature"]), dict(compile["constants"]),
@@ -172,7 +172,7 @@ def _recording(arch: int, launches: dict):
             return run(*args, **kwargs)
         return launch
 
-    old_hook = knobs.runtime.jit_cache_hook
+    old_hook, old_driver = knobs.runtime.jit_cache_hook, getattr(driver, "_active", None)
     driver.set_active(_Driver(arch))
     knobs.runtime.jit_cache_hook = hook
     JITFunction.__getitem__ = with_grid
@@ -182,7 +182,12 @@ def _recording(arch: int, launches: dict):
     finally:
         JITFunction.__getitem__ = getitem
         knobs.runtime.jit_cache_hook = old_hook
-        driver.reset_active()
+        driver.set_active(old_driver)          # reset_active() would look for a GPU
+
+
+def _tuples(x):
+    """JSON lists back to the tuples Triton's options hold."""
+    return tuple(_tuples(y) for y in x) if isinstance(x, list) else x
 
 
 def _programs(grid) -> int:
@@ -308,6 +313,8 @@ def compile_launch(launch: Launch, arch: int) -> dict:
         with open(path) as f:
             return json.load(f)
     result = _compile(launch, arch)
+    if "error" in result:                      # not cached: the next run tries again
+        return result
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(result, f)
@@ -454,6 +461,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("aot: unset TRITON_INTERPRET (the interpreter replaces triton.jit)", file=sys.stderr)
         return 2
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")     # what a launch on the GPU does today
     t0 = time.time()
     rows = run(workloads(a.full), [int(x) for x in a.arch.split(",")], a.jobs)
     print(table(rows))

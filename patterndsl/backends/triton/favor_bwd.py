@@ -27,10 +27,10 @@ def _grads(GN, GD, bh, r, in_q, NQ, BLOCK_DV: tl.constexpr):
 
 @triton.jit
 def _to_x(da, x, wt, KIND: tl.constexpr, scale_x, PREC: tl.constexpr):
-    """Gradient wrt the unscaled input of a chunk from dL/du (plus the |x'|^2/2 term for FAVOR+)."""
-    dx = tl.dot(da, tl.trans(wt), input_precision=PREC)
+    """Gradient wrt the unscaled input rows `x` of a chunk from dL/du (plus the |x'|^2/2 term for FAVOR+)."""
+    dx = tl.dot(da, tl.trans(wt.to(tl.float32)), input_precision=PREC)
     if KIND == 0:
-        dx -= tl.sum(da, 1)[:, None] * x
+        dx -= tl.sum(da, 1)[:, None] * (x.to(tl.float32) * scale_x)
     return dx * scale_x
 
 
@@ -209,7 +209,8 @@ def reverse_states(q, w, cq, ck, gn, gd, offsets, P: int, seg: int, n_seg: int, 
     f32 = dict(dtype=torch.float32, device=q.device)
     R, RR = torch.empty(n_seg, B * H, nf, bf, bdv, **f32), torch.empty(n_seg, B * H, nf, bf, **f32)
     SG = torch.empty(n_seg, B * H, nf, bdv, **f32)
-    keep = {k: opts[k] for k in ("KIND", "CAUSAL", "D", "BLOCK_T", "BLOCK_F", "BLOCK_D", "BLOCK_DV", "PREC")}
+    keep = {k: opts[k] for k in ("KIND", "CAUSAL", "D", "BLOCK_T", "BLOCK_F", "BLOCK_D", "BLOCK_DV", "PREC",
+                                 "num_warps") if k in opts}
     favor_rstate_kernel[(B * H, nf, n_seg)](
         q, w, cq, ck, gn, gd, offsets.tensor(cq), R, RR, SG, offsets.scalar if opts["CAUSAL"] else 0, NQ, P,
         w.shape[0], H, seg, scale_x, eps_q, ROW_OFFSETS=offsets.per_row and opts["CAUSAL"], **keep)

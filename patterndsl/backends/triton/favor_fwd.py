@@ -30,11 +30,16 @@ FAVOR, RELU, ELU1 = 0, 1, 2
 
 
 @triton.jit
-def _features(x, wt, c, KIND: tl.constexpr, EPS_Q, PREC: tl.constexpr):
-    """(phi, dphi/du) of a chunk: x [BT, BD] (scaled), wt [BD, BF] (W^T block), c [BT] stabilisers."""
-    u = tl.dot(x, wt, input_precision=PREC)
+def _features(x, wt, c, scale_x, KIND: tl.constexpr, EPS_Q, PREC: tl.constexpr):
+    """(phi, dphi/du) of a chunk: x [BT, BD] rows and wt [BD, BF] (a W^T block) in the input dtype (products on
+    the tensor cores in that dtype, exact in the float32 accumulator; upcast under PREC "ieee"), c [BT]."""
+    if PREC == "ieee":
+        u = tl.dot(x.to(tl.float32), wt.to(tl.float32), input_precision="ieee") * scale_x
+    else:
+        u = tl.dot(x, wt, input_precision=PREC) * scale_x
     if KIND == 0:
-        h = tl.sum(x * x, 1) * 0.5
+        xs = x.to(tl.float32) * scale_x
+        h = tl.sum(xs * xs, 1) * 0.5
         e = tl.exp(u - h[:, None] - c[:, None])
         return e + EPS_Q, e
     elif KIND == 1:
@@ -46,35 +51,34 @@ def _features(x, wt, c, KIND: tl.constexpr, EPS_Q, PREC: tl.constexpr):
 
 @triton.jit
 def _rows(X, r, ok, DIM: tl.constexpr, BLOCK: tl.constexpr):
-    """Rows `r` (where `ok`) of a contiguous `[*, DIM]` matrix as float32 `[len(r), BLOCK]`."""
+    """Rows `r` (where `ok`) of a contiguous `[*, DIM]` matrix as `[len(r), BLOCK]` in its dtype."""
     offs = tl.arange(0, BLOCK)
-    return tl.load(X + r[:, None] * DIM + offs[None, :], mask=ok[:, None] & (offs[None, :] < DIM),
-                   other=0.0).to(tl.float32)
+    return tl.load(X + r[:, None] * DIM + offs[None, :], mask=ok[:, None] & (offs[None, :] < DIM), other=0.0)
 
 
 @triton.jit
 def _wt(W, fb, M, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
-    """(W^T block [BD, BF] float32, feature mask [BF]) of feature block `fb`."""
+    """(W^T block [BD, BF] in W's dtype, feature mask [BF]) of feature block `fb`."""
     f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
     offs_d = tl.arange(0, BLOCK_D)
     wt = tl.load(W + f[None, :] * D + offs_d[:, None], mask=(f[None, :] < M) & (offs_d[:, None] < D), other=0.0)
-    return wt.to(tl.float32), f < M
+    return wt, f < M
 
 
 @triton.jit
 def _keys(K, V, CK, KPM, bh, b, t, in_t, NK, P, fmask, wt, scale_x, KIND: tl.constexpr, EPS_R,
           HAS_KPM: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
           BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
-    """Key features P [BT, BF] (zero on invalid keys), their u-derivative, x' [BT, BD], values [BT, BDV],
-    stabilisers ck [BT] and validity [BT] of keys `t` (`in_t`: inside the sequence)."""
+    """Key features P [BT, BF] (zero on invalid keys), their u-derivative, rows [BT, BD] (input dtype), values
+    [BT, BDV] (float32), stabilisers ck [BT] and validity [BT] of keys `t` (`in_t`: inside the sequence)."""
     bh64 = bh.to(tl.int64)
-    kx = _rows(K + bh64 * NK * D, t, in_t, D, BLOCK_D) * scale_x
-    v = _rows(V + bh64 * NK * DV, t, in_t, DV, BLOCK_DV)
+    kx = _rows(K + bh64 * NK * D, t, in_t, D, BLOCK_D)
+    v = _rows(V + bh64 * NK * DV, t, in_t, DV, BLOCK_DV).to(tl.float32)
     ck = tl.load(CK + bh64 * P + t, mask=in_t, other=0.0)
     valid = in_t
     if HAS_KPM:
         valid = valid & (tl.load(KPM + b * NK + t, mask=in_t, other=1) == 0)
-    p, dp = _features(kx, wt, ck, KIND, EPS_R, PREC)
+    p, dp = _features(kx, wt, ck, scale_x, KIND, EPS_R, PREC)
     keep = valid[:, None] & fmask[None, :]
     return tl.where(keep, p, 0.0), tl.where(keep, dp, 0.0), kx, v, ck, valid
 
@@ -82,11 +86,11 @@ def _keys(K, V, CK, KPM, bh, b, t, in_t, NK, P, fmask, wt, scale_x, KIND: tl.con
 @triton.jit
 def _queries(Q, CQ, bh, r, in_q, NQ, fmask, wt, scale_x, KIND: tl.constexpr, EPS_Q, D: tl.constexpr,
              BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """Query features phi [BT, BF] of rows `r` (zero outside `in_q` and the features), their u-derivative, x'."""
+    """Query features phi [BT, BF] of rows `r` (zero outside `in_q` and the features), their u-derivative, rows."""
     bh64 = bh.to(tl.int64)
-    qx = _rows(Q + bh64 * NQ * D, r, in_q, D, BLOCK_D) * scale_x
+    qx = _rows(Q + bh64 * NQ * D, r, in_q, D, BLOCK_D)
     cq = tl.load(CQ + bh64 * NQ + r, mask=in_q, other=0.0)
-    phi, dphi = _features(qx, wt, cq, KIND, EPS_Q, PREC)
+    phi, dphi = _features(qx, wt, cq, scale_x, KIND, EPS_Q, PREC)
     keep = in_q[:, None] & fmask[None, :]
     return tl.where(keep, phi, 0.0), tl.where(keep, dphi, 0.0), qx
 
@@ -221,15 +225,18 @@ def favor_stats_kernel(X, W, OUT, ARG, N, M, scale_x, D: tl.constexpr, BLOCK_T: 
     bh = tl.program_id(0)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_t = t < N
-    x = _rows(X + bh.to(tl.int64) * N * D, t, in_t, D, BLOCK_D) * scale_x
+    x = _rows(X + bh.to(tl.int64) * N * D, t, in_t, D, BLOCK_D)
+    if PREC == "ieee":
+        x = x.to(tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
     best = tl.full([BLOCK_T], float("-inf"), tl.float32)
     arg = tl.zeros([BLOCK_T], tl.int32)
     for f0 in range(0, M, BLOCK_F):
         f = f0 + tl.arange(0, BLOCK_F)
-        wt = tl.load(W + f[None, :] * D + offs_d[:, None], mask=(f[None, :] < M) & (offs_d[:, None] < D),
-                     other=0.0).to(tl.float32)
-        u = tl.where((f < M)[None, :], tl.dot(x, wt, input_precision=PREC), float("-inf"))
+        wt = tl.load(W + f[None, :] * D + offs_d[:, None], mask=(f[None, :] < M) & (offs_d[:, None] < D), other=0.0)
+        if PREC == "ieee":
+            wt = wt.to(tl.float32)
+        u = tl.where((f < M)[None, :], tl.dot(x, wt, input_precision=PREC) * scale_x, float("-inf"))
         top = tl.max(u, 1)
         arg = tl.where(top > best, f0 + tl.argmax(u, 1).to(tl.int32), arg)
         best = tl.maximum(best, top)
@@ -278,10 +285,14 @@ def favor_stats(x, w, scale_x: float):
 
 
 def meta(q, k, v, w, kind: int, causal: bool, kpm) -> dict:
-    """Constexprs shared by the forward and backward kernels."""
+    """Constexprs and warps shared by the forward and backward kernels (8 warps on a GPU: the fp32 feature and
+    state tiles of the walks need the registers)."""
     bt, bf = blocks(max(q.shape[2], k.shape[2]), w.shape[0], q.device)
-    return dict(KIND=kind, CAUSAL=causal, HAS_KPM=kpm is not None, D=q.shape[3], DV=v.shape[3], BLOCK_T=bt,
-                BLOCK_F=bf, BLOCK_D=_bd(q.shape[3]), BLOCK_DV=_bd(v.shape[3]), PREC=precision(q.dtype, q.device))
+    out = dict(KIND=kind, CAUSAL=causal, HAS_KPM=kpm is not None, D=q.shape[3], DV=v.shape[3], BLOCK_T=bt,
+               BLOCK_F=bf, BLOCK_D=_bd(q.shape[3]), BLOCK_DV=_bd(v.shape[3]), PREC=precision(q.dtype, q.device))
+    if not target(q.device).interpreter:
+        out["num_warps"] = 8
+    return out
 
 
 def key_states(k, v, w, ck, kpm, P: int, seg: int, n_seg: int, scale_x: float, eps_r: float, opts: dict):

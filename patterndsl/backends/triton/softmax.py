@@ -42,14 +42,22 @@ def default_blocks(head_dim: int, device: torch.device) -> tuple[int, int, int]:
     return (64, 64, 4) if head_dim <= 128 else (64, 32, 4)
 
 
-def kernel_options(dtype: torch.dtype, device, num_warps: int) -> dict:
-    """Dot precision and warps. fp32 inputs take TF32 tensor cores when torch allows TF32 matmuls
-    (`torch.set_float32_matmul_precision("high")`), else exact fp32 products; the interpreter upcasts bf16."""
-    interp = target(device).interpreter
+def kernel_options(dtype: torch.dtype, device, num_warps: int, head_dim: int = 64) -> dict[str, dict]:
+    """Launch options of the forward (and dq) and the dk/dv kernels. fp32 inputs take TF32 tensor cores when torch
+    allows TF32 matmuls (`torch.set_float32_matmul_precision("high")`), else exact fp32 products; the interpreter
+    upcasts bf16. dk/dv holds two accumulators: 8 warps above D = 64, and no software pipelining on Ampere at
+    D = 64 (both keep it free of register spills; see aot.py)."""
+    t = target(device)
     prec = None
     if dtype == torch.float32:
-        prec = "tf32" if not interp and torch.get_float32_matmul_precision() != "highest" else "ieee"
-    return {"PREC": prec, "UPCAST": interp and dtype == torch.bfloat16, "num_warps": num_warps}
+        prec = "tf32" if not t.interpreter and torch.get_float32_matmul_precision() != "highest" else "ieee"
+    fwd = {"PREC": prec, "UPCAST": t.interpreter and dtype == torch.bfloat16, "num_warps": num_warps}
+    dkdv = dict(fwd)
+    if not t.interpreter and head_dim > 64:
+        dkdv["num_warps"] = max(num_warps, 8)
+    elif not t.interpreter and t.arch < 90:
+        dkdv["num_stages"] = 1
+    return {"fwd": fwd, "dkdv": dkdv}
 
 
 def _unit(x: Tensor) -> Tensor:
@@ -64,7 +72,7 @@ def _prepare(q, k, key, ids, q_offset):
     runtime = absolute_runtime(mask, unflatten_ids(mask, ids), offsets, n_q)
     plan = offset_plan(mask, n_q, n_k, bm, bn, split, offsets, runtime, q.device)
     aux = build_aux(mask, offsets.extent(n_q), n_k, B, runtime, q.device)
-    return plan, mask_module(mask), aux, offsets, kernel_options(q.dtype, q.device, warps)
+    return plan, mask_module(mask), aux, offsets, kernel_options(q.dtype, q.device, warps, q.shape[3])
 
 
 # ------------------------------------------------------------------------------------------- custom ops
@@ -72,7 +80,7 @@ def forward_body(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Ten
                  scale: float, q_offset: list[int]) -> tuple[Tensor, Tensor]:
     """The forward custom op's body: (out, lse)."""
     plan, mod, aux, offsets, opts = _prepare(q, k, key, ids, q_offset)
-    return softmax_fwd(_unit(q), _unit(k), _unit(v), plan, mod, scale, key_padding_mask, aux, offsets, opts)
+    return softmax_fwd(_unit(q), _unit(k), _unit(v), plan, mod, scale, key_padding_mask, aux, offsets, opts["fwd"])
 
 
 def backward_body(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,

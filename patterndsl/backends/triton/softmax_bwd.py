@@ -160,6 +160,7 @@ def softmax_sum_kernel(G, P, GROUPS, GROUP_BLOCK, WIDTH, N, D: tl.constexpr, BLO
 def softmax_bwd(do, q, k, v, out, lse, plan, mod, scale: float, key_padding_mask, aux, offsets, opts: dict,
                 dlse=None):
     """Gradients (dq, dk, dv) of the forward, contiguous; q, k, v, out as in `softmax_fwd`, `do` contiguous,
+    `opts` the launch options of the dq ("fwd") and dk/dv ("dkdv") kernels,
     lse `[B, H, N_q]`; `dlse` (the gradient of lse, optional) enters as `delta -= dlse` since
     `d lse_i / d s_ij = p_ij`."""
     B, H, NQ, D = q.shape
@@ -176,7 +177,7 @@ def softmax_bwd(do, q, k, v, out, lse, plan, mod, scale: float, key_padding_mask
     kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else aux
     common = dict(mask_tile=mod.mask_tile, tile_full=mod.tile_full, BAND=plan.band,
                   HAS_KPM=key_padding_mask is not None, ROW_OFFSETS=offsets.per_row, EVEN_K=NK % BN == 0, D=D,
-                  DV=DV, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BLOCK_DV=BDV, **opts)
+                  DV=DV, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BLOCK_DV=BDV)
     scalars = (offsets.tensor(aux), scale, offsets.scalar, NQ, offsets.extent(NQ), NK, H, H // HKV,
                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -184,7 +185,7 @@ def softmax_bwd(do, q, k, v, out, lse, plan, mod, scale: float, key_padding_mask
         rows = plan.rows
         dqp = torch.empty(max(rows.slots, 1), B * H, BM, BD, **f32)
         softmax_bwd_dq_kernel[(rows.work.shape[0], B * H)](
-            q, k, v, do, lse, delta, dq, dqp, rows.work, rows.tiles, kpm, aux, *scalars, **common)
+            q, k, v, do, lse, delta, dq, dqp, rows.work, rows.tiles, kpm, aux, *scalars, **common, **opts["fwd"])
         if rows.slots:
             _sum(dq, dqp, rows, BM, B * H)
     if NK:
@@ -192,7 +193,8 @@ def softmax_bwd(do, q, k, v, out, lse, plan, mod, scale: float, key_padding_mask
         dkp = torch.empty(max(cols.slots, 1), B * HKV, BN, BD, **f32)
         dvp = torch.empty(max(cols.slots, 1), B * HKV, BN, BDV, **f32)
         softmax_bwd_dkdv_kernel[(cols.work.shape[0], B * HKV)](
-            q, k, v, do, lse, delta, dk, dv, dkp, dvp, cols.work, cols.tiles, kpm, aux, *scalars, **common)
+            q, k, v, do, lse, delta, dk, dv, dkp, dvp, cols.work, cols.tiles, kpm, aux, *scalars, **common,
+            **opts["dkdv"])
         if cols.slots:
             _sum(dk, dkp, cols, BN, B * HKV)
             _sum(dv, dvp, cols, BN, B * HKV)
