@@ -96,22 +96,22 @@ class _Scan:
         return self.stab.ck.reshape(-1, self.stab.ck.shape[-1])
 
     def states(self):
-        """The key states before each query segment (causal) or in total, and the reference `c` of each."""
+        """(per-chunk states or None, the key states entering each segment (causal) or in total, references)."""
         P = self.P if self.causal else self.k.shape[2]
         eps_r = eps_values(self.kind, self.eps)[1]
-        S, Z, VS, NS = key_states(self.k, self.v, self.w, self.stab.ck, self.kpm, P, self.seg_k, self.n_k, self.sx,
-                                  eps_r, self.opts)
+        chunks, (S, Z, VS, NS) = key_states(self.k, self.v, self.w, self.stab.ck, self.kpm, P, self.seg_k, self.n_k,
+                                            self.sx, eps_r, self.opts)
         if not self.causal:
-            return tuple(x.sum(0, keepdim=True) for x in (S, Z, VS, NS)), self.stab.cq
+            return None, tuple(x.sum(0, keepdim=True) for x in (S, Z, VS, NS)), self.stab.cq
         c = self._c()
         c_end = boundaries(c, self.seg_k, self.n_k, last=True)
         (S, c_prev), (Z, _) = prefix(S, c_end, c[:, 0]), prefix(Z, c_end, c[:, 0])
-        return (S, Z, prefix(VS), prefix(NS)), c_prev
+        return chunks, (S, Z, prefix(VS), prefix(NS)), c_prev
 
     def forward(self):
-        states, c_prev = self.states()
-        return favor_fwd(self.q, self.k, self.v, self.w, self.stab.cq, self.stab.ck, self.kpm, states, c_prev,
-                         self.offsets, self.P, self.seg_q, self.n_q, self.kind, self.eps, self.sx, self.opts)
+        chunks, states, c_prev = self.states()
+        return favor_fwd(self.q, self.k, self.v, self.w, self.stab.cq, self.stab.ck, self.kpm, chunks, states, c_prev,
+                         self.offsets, self.P, self.seg_q, self.kind, self.eps, self.sx, self.opts)
 
     def backward(self, dout, out, den):
         DV, bdv = self.v.shape[3], self.opts["BLOCK_DV"]
@@ -119,10 +119,10 @@ class _Scan:
         g = torch.where((den > 0)[..., None], dout.float() / safe[..., None], 0.0)
         gd = torch.where(den > 0, -(dout.float() * out.float()).sum(-1) / safe, 0.0).contiguous()
         gn = torch.nn.functional.pad(g, (0, bdv - DV)).contiguous()
-        states, c_prev = self.states()
+        chunks, states, c_prev = self.states()
         eps_q = eps_values(self.kind, self.eps)[0]
-        R, RR, SG = reverse_states(self.q, self.w, self.stab.cq, self.stab.ck, gn, gd, self.offsets, self.P,
-                                   self.seg_q, self.n_q, self.sx, eps_q, self.opts)
+        rchunks, (R, RR, SG) = reverse_states(self.q, self.w, self.stab.cq, self.stab.ck, gn, gd, self.offsets,
+                                              self.P, self.seg_q, self.n_q, self.sx, eps_q, self.opts)
         if self.causal:
             c = self._c()
             c_start = boundaries(c, self.seg_q, self.n_q, last=False)
@@ -131,14 +131,10 @@ class _Scan:
         else:
             R, RR, SG, c_ref = R.sum(0, keepdim=True), RR.sum(0, keepdim=True), SG.sum(0, keepdim=True), gd
         dq, dk, dv, sphi, rsq = favor_bwd(self.q, self.k, self.v, self.w, self.stab.cq, self.stab.ck, self.kpm, gn,
-                                          gd, states, c_prev, (R, RR, SG), c_ref, self.offsets, self.P, self.seg_q,
-                                          self.n_q, self.seg_k, self.n_k, self.kind, self.eps, self.sx, self.opts)
-        B, H, NQ, D = self.q.shape
-        NK = self.k.shape[2]
-        dq, dk, dv = dq[..., :D].reshape(B, H, NQ, D), dk[..., :D].reshape(B, H, NK, D), \
-            dv[..., :DV].reshape(B, H, NK, DV)
+                                          gd, chunks, states, c_prev, rchunks, (R, RR, SG), c_ref, self.offsets,
+                                          self.P, self.seg_q, self.kind, self.eps, self.sx, self.opts)
         if self.kind == FAVOR:
-            self._stabiliser_grads(dq, dk, g, gd, sphi.view(B, H, NQ), rsq.view(B, H, NQ))
+            self._stabiliser_grads(dq, dk, g, gd, sphi, rsq)
         return dq, dk, dv
 
     def _stabiliser_grads(self, dq, dk, g, gd, sphi, rsq) -> None:
@@ -182,9 +178,7 @@ def forward_body(q: Tensor, k: Tensor, v: Tensor, w: Tensor, key_padding_mask: O
                  causal: bool, eps: float, q_offset: list[int], segment: int) -> tuple[Tensor, Tensor]:
     """The forward custom op's body: (out, den)."""
     q, k, v, w = q.contiguous(), k.contiguous(), v.contiguous(), w.contiguous()
-    num, den = _Scan(q, k, v, w, key_padding_mask, kind, causal, eps, q_offset, segment).forward()
-    out = torch.where((den > 0)[..., None], num / torch.where(den > 0, den, 1.0)[..., None], 0.0)
-    return out.to(q.dtype), den
+    return _Scan(q, k, v, w, key_padding_mask, kind, causal, eps, q_offset, segment).forward()
 
 
 def backward_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Tensor, key_padding_mask: Optional[Tensor],

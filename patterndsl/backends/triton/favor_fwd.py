@@ -31,7 +31,7 @@ FAVOR, RELU, ELU1 = 0, 1, 2
 
 @triton.jit
 def _features(x, wt, c, scale_x, KIND: tl.constexpr, EPS_Q, PREC: tl.constexpr):
-    """(phi, dphi/du) of a chunk: x [BT, BD] rows and wt [BD, BF] (a W^T block) in the input dtype (products on
+    """phi of a chunk: x [BT, BD] rows and wt [BD, BF] (a W^T block) in the input dtype (products on
     the tensor cores in that dtype, exact in the float32 accumulator; upcast under PREC "ieee"), c [BT]."""
     if PREC == "ieee":
         u = tl.dot(x.to(tl.float32), wt.to(tl.float32), input_precision="ieee") * scale_x
@@ -40,13 +40,23 @@ def _features(x, wt, c, scale_x, KIND: tl.constexpr, EPS_Q, PREC: tl.constexpr):
     if KIND == 0:
         xs = x.to(tl.float32) * scale_x
         h = tl.sum(xs * xs, 1) * 0.5
-        e = tl.exp(u - h[:, None] - c[:, None])
-        return e + EPS_Q, e
+        return tl.exp(u - h[:, None] - c[:, None]) + EPS_Q
     elif KIND == 1:
-        return tl.maximum(u, 0.0) + EPS_Q, (u > 0).to(tl.float32)
+        return tl.maximum(u, 0.0) + EPS_Q
     else:
-        e = tl.exp(tl.minimum(u, 0.0))
-        return tl.where(u > 0, u + 1.0, e), tl.where(u > 0, 1.0, e)
+        return tl.where(u > 0, u + 1.0, tl.exp(tl.minimum(u, 0.0)))
+
+
+@triton.jit
+def _slope(phi, KIND: tl.constexpr, EPS):
+    """dphi/du from phi itself (zero where phi was masked to zero): e = phi - eps for FAVOR+, [u > 0] for relu,
+    min(phi, 1) for elu+1; recomputing it keeps one tile fewer alive."""
+    if KIND == 0:
+        return tl.where(phi > 0, phi - EPS, 0.0)
+    elif KIND == 1:
+        return (phi > EPS).to(tl.float32)
+    else:
+        return tl.minimum(phi, 1.0)
 
 
 @triton.jit
@@ -66,11 +76,17 @@ def _wt(W, fb, M, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr)
 
 
 @triton.jit
-def _keys(K, V, CK, KPM, bh, b, t, in_t, NK, P, fmask, wt, scale_x, KIND: tl.constexpr, EPS_R,
-          HAS_KPM: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-          BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
-    """Key features P [BT, BF] (zero on invalid keys), their u-derivative, rows [BT, BD] (input dtype), values
-    [BT, BDV] (float32), stabilisers ck [BT] and validity [BT] of keys `t` (`in_t`: inside the sequence)."""
+def _features_of(x, valid, c, fmask, wt, scale_x, KIND: tl.constexpr, EPS, PREC: tl.constexpr):
+    """Features [BT, BF] of rows `x` (zero where not `valid` or outside the features)."""
+    phi = _features(x, wt, c, scale_x, KIND, EPS, PREC)
+    return tl.where(valid[:, None] & fmask[None, :], phi, 0.0)
+
+
+@triton.jit
+def _key_rows(K, V, CK, KPM, bh, b, t, in_t, NK, P, HAS_KPM: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Key rows [BT, BD] (input dtype), values [BT, BDV] (float32), stabilisers ck [BT] and validity [BT] of
+    keys `t` (`in_t`: inside the sequence)."""
     bh64 = bh.to(tl.int64)
     kx = _rows(K + bh64 * NK * D, t, in_t, D, BLOCK_D)
     v = _rows(V + bh64 * NK * DV, t, in_t, DV, BLOCK_DV).to(tl.float32)
@@ -78,21 +94,7 @@ def _keys(K, V, CK, KPM, bh, b, t, in_t, NK, P, fmask, wt, scale_x, KIND: tl.con
     valid = in_t
     if HAS_KPM:
         valid = valid & (tl.load(KPM + b * NK + t, mask=in_t, other=1) == 0)
-    p, dp = _features(kx, wt, ck, scale_x, KIND, EPS_R, PREC)
-    keep = valid[:, None] & fmask[None, :]
-    return tl.where(keep, p, 0.0), tl.where(keep, dp, 0.0), kx, v, ck, valid
-
-
-@triton.jit
-def _queries(Q, CQ, bh, r, in_q, NQ, fmask, wt, scale_x, KIND: tl.constexpr, EPS_Q, D: tl.constexpr,
-             BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """Query features phi [BT, BF] of rows `r` (zero outside `in_q` and the features), their u-derivative, rows."""
-    bh64 = bh.to(tl.int64)
-    qx = _rows(Q + bh64 * NQ * D, r, in_q, D, BLOCK_D)
-    cq = tl.load(CQ + bh64 * NQ + r, mask=in_q, other=0.0)
-    phi, dphi = _features(qx, wt, cq, scale_x, KIND, EPS_Q, PREC)
-    keep = in_q[:, None] & fmask[None, :]
-    return tl.where(keep, phi, 0.0), tl.where(keep, dphi, 0.0), qx
+    return kx, v, ck, valid
 
 
 @triton.jit
@@ -103,119 +105,145 @@ def _weight_tile(ck_row, ck_col, in_row, valid_col, row_pos, col_pos):
 
 
 @triton.jit
-def _segment(s, SEG, LENGTH):
-    lo = s * SEG
-    return lo, tl.minimum(lo + SEG, LENGTH)
+def _matrix(X, row, R: tl.constexpr, C: tl.constexpr):
+    """Matrix `row` of a buffer of float32 `[R, C]` matrices (C = 1: vectors)."""
+    if C == 1:
+        return tl.load(X + row * R + tl.arange(0, R))
+    else:
+        return tl.load(X + (row * R + tl.arange(0, R)[:, None]) * C + tl.arange(0, C)[None, :])
 
 
 @triton.jit
-def _state_index(bh, fb, s):
-    """Row of a `[n_seg, BH, nf, ...]` state buffer."""
-    return (s.to(tl.int64) * tl.num_programs(0) + bh) * tl.num_programs(1) + fb
+def _put(X, row, val, R: tl.constexpr, C: tl.constexpr):
+    if C == 1:
+        tl.store(X + row * R + tl.arange(0, R), val)
+    else:
+        tl.store(X + (row * R + tl.arange(0, R)[:, None]) * C + tl.arange(0, C)[None, :], val)
 
 
 @triton.jit
-def favor_state_kernel(K, V, W, CK, KPM, S, Z, VS, NS, NK, P, M, H, SEG, scale_x, EPS_R,
+def favor_state_kernel(K, V, W, CK, KPM, HS, HZ, HV, HN, S, Z, VS, NS, NK, P, M, H, SEG, scale_x, EPS_R,
                        KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, D: tl.constexpr,
                        DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
-    """Program (bh, fb, s): the keys of segment s of [0, P) summed into a local state, relative to the
-    stabiliser at the segment's last position (causal) or the one constant (not causal)."""
+    """Program (bh, fb, s): the keys of segment s of [0, P), walked in chunks from a zero state. Causal: before
+    each chunk c the running local state goes to HS/HZ/HV/HN[c] (relative to ck at position c*BT - 1); at the
+    end the segment's total goes to S/Z/VS/NS[s] (relative to ck at its last position, or the one constant)."""
     bh, fb, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_bh, nf = tl.num_programs(0), tl.num_programs(1)
     b = bh // H
+    bh64 = bh.to(tl.int64)
     wt, fmask = _wt(W, fb, M, D, BLOCK_D, BLOCK_F)
-    lo, hi = _segment(s, SEG, P)
-    c_end = tl.load(CK + bh.to(tl.int64) * P + tl.maximum(hi - 1, 0))
+    lo = s * SEG
+    hi = tl.minimum(lo + SEG, P)
+    c_run = tl.load(CK + bh64 * P + tl.maximum(lo - 1, 0))
     St = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)
     z = tl.zeros([BLOCK_F], tl.float32)
     vs = tl.zeros([BLOCK_DV], tl.float32)
     ns = tl.zeros([1], tl.float32)
-    for t0 in range(lo, tl.minimum(hi, NK), BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        in_t = t < tl.minimum(hi, NK)
-        p, _, _, v, ck, valid = _keys(K, V, CK, KPM, bh, b, t, in_t, NK, P, fmask, wt, scale_x, KIND, EPS_R,
-                                      HAS_KPM, D, DV, BLOCK_D, BLOCK_DV, PREC)
+    end = hi if CAUSAL else tl.minimum(hi, NK)
+    for t0 in range(lo, end, BLOCK_T):
         if CAUSAL:
+            row = (bh + (t0 // BLOCK_T) * n_bh).to(tl.int64)
+            _put(HS, row * nf + fb, St, BLOCK_F, BLOCK_DV)
+            _put(HZ, row * nf + fb, z, BLOCK_F, 1)
+            if fb == 0:
+                _put(HV, row, vs, BLOCK_DV, 1)
+                _put(HN, row, ns, 1, 1)
+        t = t0 + tl.arange(0, BLOCK_T)
+        kx, v, ck, valid = _key_rows(K, V, CK, KPM, bh, b, t, (t < hi) & (t < NK), NK, P, HAS_KPM, D, DV, BLOCK_D,
+                                     BLOCK_DV)
+        p = _features_of(kx, valid, ck, fmask, wt, scale_x, KIND, EPS_R, PREC)
+        if CAUSAL:
+            c_end = tl.load(CK + bh64 * P + tl.minimum(t0 + BLOCK_T, P) - 1)
             p = p * tl.where(valid, tl.exp(tl.where(valid, ck - c_end, 0.0)), 0.0)[:, None]
+            rescale = tl.exp(c_run - c_end)
+            St = St * rescale
+            z = z * rescale
+            c_run = c_end
         St += tl.dot(tl.trans(p), v, input_precision=PREC)
         z += tl.sum(p, 0)
         vs += tl.sum(tl.where(valid[:, None], v, 0.0), 0)
         ns += tl.sum(valid.to(tl.float32), 0)
-    row = _state_index(bh, fb, s)
-    offs_f = tl.arange(0, BLOCK_F)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    tl.store(S + (row * BLOCK_F + offs_f[:, None]) * BLOCK_DV + offs_dv[None, :], St)
-    tl.store(Z + row * BLOCK_F + offs_f, z)
+    row = s.to(tl.int64) * n_bh + bh
+    _put(S, row * nf + fb, St, BLOCK_F, BLOCK_DV)
+    _put(Z, row * nf + fb, z, BLOCK_F, 1)
     if fb == 0:
-        seg_row = s.to(tl.int64) * tl.num_programs(0) + bh
-        tl.store(VS + seg_row * BLOCK_DV + offs_dv, vs)
-        tl.store(NS + seg_row + tl.arange(0, 1), ns)
-
-
-@triton.jit
-def _load_state(S, Z, VS, NS, bh, fb, s, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr):
-    row = _state_index(bh, fb, s)
-    offs_f = tl.arange(0, BLOCK_F)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    seg_row = s.to(tl.int64) * tl.num_programs(0) + bh
-    return (tl.load(S + (row * BLOCK_F + offs_f[:, None]) * BLOCK_DV + offs_dv[None, :]),
-            tl.load(Z + row * BLOCK_F + offs_f), tl.load(VS + seg_row * BLOCK_DV + offs_dv), tl.load(NS + seg_row))
+        _put(VS, row, vs, BLOCK_DV, 1)
+        _put(NS, row, ns, 1, 1)
 
 
 @triton.jit(do_not_specialize=["q_off"])
-def favor_fwd_kernel(Q, K, V, W, CQ, CK, KPM, S, Z, VS, NS, CPREV, QOFF, NUM, DEN, q_off, NQ, NK, P, M, H, SEG,
-                     scale_x, EPS_Q, EPS_R, EPS_K, KIND: tl.constexpr, CAUSAL: tl.constexpr,
+def favor_fwd_kernel(Q, K, V, W, CQ, CK, KPM, HS, HZ, HV, HN, S, Z, VS, NS, CPREV, QOFF, O, DEN, q_off, c0, NQ, NK, P,
+                     M, NF, N_SEG, H, SEG, scale_x, EPS_Q, EPS_R, EPS_K, KIND: tl.constexpr, CAUSAL: tl.constexpr,
                      HAS_KPM: tl.constexpr, ROW_OFFSETS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      PREC: tl.constexpr):
-    """Program (bh, fb, s): partial num/den (feature block fb) of the queries in segment s, from the state
-    before the segment (causal: positions, query row = position - q_off; not causal: rows, one total state)."""
-    bh, fb, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Program (c, bh): out and den of the queries in chunk c0 + c (positions when causal, rows otherwise), summed
+    over the feature blocks: the chunk's state (segment-local part plus the segment's incoming state) and, when
+    causal, the in-chunk terms."""
+    c = c0 + tl.program_id(0)
+    bh = tl.program_id(1)
+    n_bh = tl.num_programs(1)
     b = bh // H
+    bh64 = bh.to(tl.int64)
     if ROW_OFFSETS:
         q_off = tl.load(QOFF + b)
-    wt, fmask = _wt(W, fb, M, D, BLOCK_D, BLOCK_F)
-    lo, hi = _segment(s, SEG, P)
-    hi = tl.minimum(hi, q_off + NQ)                    # nothing after the last query matters
-    hi = tl.where(hi > q_off, hi, lo)                  # nor a segment wholly before the first
+    t0 = c * BLOCK_T
+    t = t0 + tl.arange(0, BLOCK_T)
+    r = t - q_off
+    in_q = (r >= 0) & (r < NQ)
+    qx = _rows(Q + bh64 * NQ * D, r, in_q, D, BLOCK_D)
+    cq = tl.load(CQ + bh64 * NQ + r, mask=in_q, other=0.0)
+    num = tl.zeros([BLOCK_T, BLOCK_DV], tl.float32)
+    den = tl.zeros([BLOCK_T], tl.float32)
+    sphi = tl.zeros([BLOCK_T], tl.float32)
+    a = tl.zeros([BLOCK_T, BLOCK_T], tl.float32)
     if CAUSAL:
-        St, z, vs, ns = _load_state(S, Z, VS, NS, bh, fb, s, BLOCK_F, BLOCK_DV)
-        c_prev = tl.load(CPREV + bh.to(tl.int64) * tl.num_programs(2) + s)
-    else:
-        St, z, vs, ns = _load_state(S, Z, VS, NS, bh, fb, s * 0, BLOCK_F, BLOCK_DV)
-        c_prev = 0.0
-    offs_dv = tl.arange(0, BLOCK_DV)
-    for t0 in range(lo, hi, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        r = t - q_off
-        in_q = (r >= 0) & (r < NQ) & (t < hi)
-        phi, _, _ = _queries(Q, CQ, bh, r, in_q, NQ, fmask, wt, scale_x, KIND, EPS_Q, D, BLOCK_D, PREC)
-        sphi = tl.sum(phi, 1)
+        kx, v, ck, valid = _key_rows(K, V, CK, KPM, bh, b, t, (t < NK) & (t < P), NK, P, HAS_KPM, D, DV, BLOCK_D,
+                                     BLOCK_DV)
+        ckq = tl.load(CK + bh64 * P + t, mask=t < P, other=0.0)
+        c_prev = tl.load(CK + bh64 * P + tl.maximum(t0 - 1, 0))
+        seg = t0 // SEG
+        w_seg = tl.exp(tl.load(CPREV + bh64 * N_SEG + seg) - c_prev)
+        row = c.to(tl.int64) * n_bh + bh
+        srow = seg.to(tl.int64) * n_bh + bh
+    for fb in range(0, NF):
+        wt, fmask = _wt(W, fb, M, D, BLOCK_D, BLOCK_F)
+        phi = _features_of(qx, in_q, cq, fmask, wt, scale_x, KIND, EPS_Q, PREC)
         if CAUSAL:
-            p, _, _, v, ck, valid = _keys(K, V, CK, KPM, bh, b, t, (t < NK) & (t < hi), NK, P, fmask, wt, scale_x,
-                                          KIND, EPS_R, HAS_KPM, D, DV, BLOCK_D, BLOCK_DV, PREC)
-            ckq = tl.load(CK + bh.to(tl.int64) * P + t, mask=t < P, other=0.0)
-            sc = tl.where(in_q, tl.exp(tl.where(in_q, c_prev - ckq, 0.0)), 0.0)
-            num = sc[:, None] * tl.dot(phi, St, input_precision=PREC) + EPS_K * sphi[:, None] * vs[None, :]
-            den = sc * tl.sum(phi * z[None, :], 1) + EPS_K * sphi * ns
-            decay, ok = _weight_tile(ckq, ck, in_q, valid, t, t)
-            a = tl.dot(phi, tl.trans(p), input_precision=PREC) * decay + tl.where(ok, EPS_K * sphi[:, None], 0.0)
-            num += tl.dot(a, v, input_precision=PREC)
-            den += tl.sum(a, 1)
-            c_end = tl.load(CK + bh.to(tl.int64) * P + tl.minimum(t0 + BLOCK_T, P) - 1)
-            pe = p * tl.where(valid, tl.exp(tl.where(valid, ck - c_end, 0.0)), 0.0)[:, None]
-            rescale = tl.exp(c_prev - c_end)
-            St = St * rescale + tl.dot(tl.trans(pe), v, input_precision=PREC)
-            z = z * rescale + tl.sum(pe, 0)
-            vs += tl.sum(tl.where(valid[:, None], v, 0.0), 0)
-            ns += tl.sum(valid.to(tl.float32), 0)
-            c_prev = c_end
+            Hc = _matrix(HS, row * NF + fb, BLOCK_F, BLOCK_DV) + w_seg * _matrix(S, srow * NF + fb, BLOCK_F,
+                                                                                  BLOCK_DV)
+            zc = _matrix(HZ, row * NF + fb, BLOCK_F, 1) + w_seg * _matrix(Z, srow * NF + fb, BLOCK_F, 1)
+            p = _features_of(kx, valid, ck, fmask, wt, scale_x, KIND, EPS_R, PREC)
+            a += tl.dot(phi, tl.trans(p), input_precision=PREC)
         else:
-            num = tl.dot(phi, St, input_precision=PREC) + EPS_K * sphi[:, None] * vs[None, :]
-            den = tl.sum(phi * z[None, :], 1) + EPS_K * sphi * ns
-        rows = (fb * tl.num_programs(0) + bh).to(tl.int64) * NQ + r
-        tl.store(NUM + rows[:, None] * BLOCK_DV + offs_dv[None, :], num, mask=in_q[:, None])
-        tl.store(DEN + rows, den, mask=in_q)
+            Hc = _matrix(S, bh64 * NF + fb, BLOCK_F, BLOCK_DV)
+            zc = _matrix(Z, bh64 * NF + fb, BLOCK_F, 1)
+        num += tl.dot(phi, Hc, input_precision=PREC)
+        den += tl.sum(phi * zc[None, :], 1)
+        sphi += tl.sum(phi, 1)
+    if CAUSAL:
+        vs = _matrix(HV, row, BLOCK_DV, 1) + _matrix(VS, srow, BLOCK_DV, 1)
+        ns = tl.load(HN + row) + tl.load(NS + srow)
+        sc = tl.where(in_q, tl.exp(tl.where(in_q, c_prev - ckq, 0.0)), 0.0)
+        num = num * sc[:, None]
+        den = den * sc
+        decay, ok = _weight_tile(ckq, ck, in_q, valid, t, t)
+        a = a * decay + tl.where(ok, EPS_K * sphi[:, None], 0.0)
+        num += tl.dot(a, v, input_precision=PREC)
+        den += tl.sum(a, 1)
+    else:
+        vs = _matrix(VS, bh64, BLOCK_DV, 1)
+        ns = tl.load(NS + bh64)
+    num += EPS_K * sphi[:, None] * vs[None, :]
+    den += EPS_K * sphi * ns
+    out = tl.where((den > 0)[:, None], num / tl.where(den > 0, den, 1.0)[:, None], 0.0)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = bh64 * NQ + r
+    tl.store(O + rows[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
+             mask=in_q[:, None] & (offs_dv[None, :] < DV))
+    tl.store(DEN + rows, den, mask=in_q)
 
 
 @triton.jit
@@ -246,9 +274,23 @@ def favor_stats_kernel(X, W, OUT, ARG, N, M, scale_x, D: tl.constexpr, BLOCK_T: 
 
 # ---------------------------------------------------------------------------------------------- launchers
 def blocks(n: int, m: int, device) -> tuple[int, int]:
-    """(BLOCK_T, BLOCK_F): tokens per chunk, features per program."""
-    cap = 32 if target(device).interpreter else 64
-    return min(cap, max(16, triton.next_power_of_2(n))), min(cap, max(16, triton.next_power_of_2(m)))
+    """(BLOCK_T, BLOCK_F): tokens per chunk, features per block. Chunks of 64 on Hopper (wgmma needs 64 rows per
+    warpgroup), 32 on Ampere and in the interpreter (mma.sync keeps fewer registers per tile)."""
+    t = target(device)
+    cap = 32 if t.interpreter or t.arch < 90 else 64
+    return min(cap, max(16, triton.next_power_of_2(n))), min(64, max(16, triton.next_power_of_2(m)))
+
+
+# warps per kernel on a GPU: what keeps each free of register spills at 64-token chunks (see aot.py)
+WARPS = {"state": 8, "fwd": 8, "rstate": 8, "dq": 4, "dv": 8, "dk": 4}
+
+
+def launch(opts: dict, kernel: str) -> dict:
+    """The launch options of one kernel: the shared constexprs and that kernel's warps."""
+    out = {k: v for k, v in opts.items() if k != "warps"}
+    if "warps" in opts:
+        out["num_warps"] = opts["warps"][kernel]
+    return out
 
 
 def precision(dtype, device) -> str:
@@ -285,42 +327,51 @@ def favor_stats(x, w, scale_x: float):
 
 
 def meta(q, k, v, w, kind: int, causal: bool, kpm) -> dict:
-    """Constexprs and warps shared by the forward and backward kernels (8 warps on a GPU: the fp32 feature and
-    state tiles of the walks need the registers)."""
+    """Constexprs shared by the forward and backward kernels, and the warps of each (`launch`)."""
     bt, bf = blocks(max(q.shape[2], k.shape[2]), w.shape[0], q.device)
     out = dict(KIND=kind, CAUSAL=causal, HAS_KPM=kpm is not None, D=q.shape[3], DV=v.shape[3], BLOCK_T=bt,
                BLOCK_F=bf, BLOCK_D=_bd(q.shape[3]), BLOCK_DV=_bd(v.shape[3]), PREC=precision(q.dtype, q.device))
     if not target(q.device).interpreter:
-        out["num_warps"] = 8
+        out["warps"] = WARPS
     return out
 
 
 def key_states(k, v, w, ck, kpm, P: int, seg: int, n_seg: int, scale_x: float, eps_r: float, opts: dict):
-    """Local states of every segment of keys: S `[n_seg, BH, nf, BF, BDV]`, z `[n_seg, BH, nf, BF]`, sums of
-    valid v `[n_seg, BH, BDV]` and valid counts `[n_seg, BH]`; `ck` `[B, H, P]`: positions [0, P) (causal) or
-    keys (P = N_k)."""
+    """Walk the keys of every segment: (per-chunk local states HS `[n_chunks, BH, nf, BF, BDV]`, HZ, HV, HN when
+    causal, else None) and the segments' totals S `[n_seg, BH, nf, BF, BDV]`, Z `[.., BF]`, VS `[n_seg, BH,
+    BDV]`, NS `[n_seg, BH]`; `ck` `[B, H, P]`: stabilisers at positions [0, P) (causal) or of the keys."""
     B, H, NK, _ = k.shape
-    bf, bdv = opts["BLOCK_F"], opts["BLOCK_DV"]
+    bf, bdv, bt = opts["BLOCK_F"], opts["BLOCK_DV"], opts["BLOCK_T"]
     nf = triton.cdiv(w.shape[0], bf)
     f32 = dict(dtype=torch.float32, device=k.device)
     S, Z = torch.empty(n_seg, B * H, nf, bf, bdv, **f32), torch.empty(n_seg, B * H, nf, bf, **f32)
     VS, NS = torch.empty(n_seg, B * H, bdv, **f32), torch.empty(n_seg, B * H, **f32)
-    favor_state_kernel[(B * H, nf, n_seg)](k, v, w, ck, kpm if kpm is not None else ck, S, Z, VS, NS, NK, P,
-                                           w.shape[0], H, seg, scale_x, eps_r, **opts)
-    return S, Z, VS, NS
+    chunks = None
+    if opts["CAUSAL"]:
+        nc = triton.cdiv(P, bt)
+        chunks = (torch.empty(nc, B * H, nf, bf, bdv, **f32), torch.empty(nc, B * H, nf, bf, **f32),
+                  torch.empty(nc, B * H, bdv, **f32), torch.empty(nc, B * H, **f32))
+    favor_state_kernel[(B * H, nf, n_seg)](k, v, w, ck, kpm if kpm is not None else ck, *(chunks or (S, Z, VS, NS)),
+                                           S, Z, VS, NS, NK, P, w.shape[0], H, seg, scale_x, eps_r, **launch(opts, "state"))
+    return chunks, (S, Z, VS, NS)
 
 
-def favor_fwd(q, k, v, w, cq, ck, kpm, states, c_prev, offsets, P: int, seg: int, n_seg: int, kind: int,
-              eps: float, scale_x: float, opts: dict):
-    """(num `[B, H, N_q, D_v]`, den `[B, H, N_q]`) float32, summed over feature blocks, from the states before
-    each segment (`states`, `c_prev [BH, n_seg]`; favor.py). Causal work runs over positions [0, P)."""
+def favor_fwd(q, k, v, w, cq, ck, kpm, chunks, states, c_prev, offsets, P: int, seg: int, kind: int, eps: float,
+              scale_x: float, opts: dict):
+    """(out `[B, H, N_q, D_v]` in q's dtype, den `[B, H, N_q]` float32): one program per chunk of queries, from
+    the per-chunk states `chunks` and the segments' incoming `states` (`c_prev [BH, n_seg]` their references)
+    when causal, or the total `states` (positions [0, P) when causal, rows otherwise)."""
     B, H, NQ, _ = q.shape
     NK, DV = k.shape[2], v.shape[3]
+    bt = opts["BLOCK_T"]
     nf = triton.cdiv(w.shape[0], opts["BLOCK_F"])
-    num = torch.empty(nf, B * H, NQ, opts["BLOCK_DV"], dtype=torch.float32, device=q.device)
-    den = torch.empty(nf, B * H, NQ, dtype=torch.float32, device=q.device)
-    favor_fwd_kernel[(B * H, nf, n_seg)](
-        q, k, v, w, cq, ck, kpm if kpm is not None else cq, *states, c_prev, offsets.tensor(cq), num, den,
-        offsets.scalar if opts["CAUSAL"] else 0, NQ, NK, P, w.shape[0], H, seg, scale_x, *eps_values(kind, eps),
-        ROW_OFFSETS=offsets.per_row and opts["CAUSAL"], **opts)
-    return num.sum(0)[..., :DV].reshape(B, H, NQ, DV), den.sum(0).reshape(B, H, NQ)
+    out = torch.empty(B, H, NQ, DV, dtype=q.dtype, device=q.device)
+    den = torch.empty(B, H, NQ, dtype=torch.float32, device=q.device)
+    causal = opts["CAUSAL"]
+    c0 = min(offsets.values, default=0) // bt if causal else 0        # chunks before the first query: none
+    n = triton.cdiv(P, bt) - c0
+    favor_fwd_kernel[(n, B * H)](
+        q, k, v, w, cq, ck, kpm if kpm is not None else cq, *(chunks or states), *states, c_prev,
+        offsets.tensor(cq), out, den, offsets.scalar if causal else 0, c0, NQ, NK, P, w.shape[0], nf,
+        c_prev.shape[-1], H, seg, scale_x, *eps_values(kind, eps), ROW_OFFSETS=offsets.per_row and causal, **launch(opts, "fwd"))
+    return out, den
