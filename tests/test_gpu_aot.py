@@ -58,7 +58,8 @@ def test_default_subset_compiles_within_limits(rows):
     assert not _problems(rows), "\n" + _problems(rows)
     kernels = {r["kernel"] for r in rows}
     for family in ("softmax_fwd", "softmax_bwd_dq", "softmax_bwd_dkdv", "softmax_merge", "softmax_sum",
-                   "favor_stats", "favor_state", "favor_fwd", "favor_rstate", "favor_bwd_dq", "favor_bwd_dkdv",
+                   "favor_stats", "favor_state", "favor_fwd", "favor_rstate", "favor_bwd_dq", "favor_bwd_dk",
+                   "favor_bwd_dv",
                    "luna_state", "luna_fwd", "luna_bwd_dq", "luna_rstate", "luna_bwd_dkv"):
         assert f"{family}_kernel" in kernels, f"no {family}_kernel launch captured"
     assert {r["arch"] for r in rows} == {90, 80}
@@ -78,8 +79,9 @@ def test_scan_grids_fill_the_gpu(rows):
     """The linear-attention and causal-Luna walks run on at least as many programs as the GPU has SMs, even for
     one sequence of 64k (performer) or 16k (Luna) tokens with 16 heads."""
     for r in rows:
-        if r["kernel"] in ("favor_fwd_kernel", "favor_bwd_dq_kernel", "favor_bwd_dkdv_kernel", "luna_fwd_kernel",
-                           "luna_bwd_dq_kernel", "luna_bwd_dkv_kernel"):
+        if r["kernel"] in ("favor_state_kernel", "favor_fwd_kernel", "favor_rstate_kernel", "favor_bwd_dq_kernel",
+                           "favor_bwd_dk_kernel", "favor_bwd_dv_kernel", "luna_state_kernel", "luna_fwd_kernel",
+                           "luna_rstate_kernel", "luna_bwd_dq_kernel", "luna_bwd_dkv_kernel"):
             programs = min(u[2] for u in r["uses"])
             assert programs >= NUM_SMS[r["arch"]], f"{r['kernel']}: {programs} programs"
 

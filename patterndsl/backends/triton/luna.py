@@ -31,9 +31,10 @@ def _setup(q, k, v, p, c, key_padding_mask):
 
 
 def _states(xs, kpm, seg, n_seg, opts):
+    """(per-chunk segment-local sums, the sums entering each segment)."""
     q, k, v, p, c = xs
-    kc, vc = luna_states(k, v, p, c, kpm, seg, n_seg, opts)
-    return prefix(kc), prefix(vc)
+    chunks, (kc, vc) = luna_states(k, v, p, c, kpm, seg, n_seg, opts)
+    return chunks, (prefix(kc), prefix(vc))
 
 
 def forward_body(q: Tensor, k: Tensor, v: Tensor, p: Tensor, c: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
@@ -41,7 +42,7 @@ def forward_body(q: Tensor, k: Tensor, v: Tensor, p: Tensor, c: Tensor, key_padd
     xs, kpm, inv, opts, seg, n_seg = _setup(q, k, v, p, c, key_padding_mask)
     if not xs[0].numel():
         return xs[0].new_empty(*xs[0].shape[:3], v.shape[3])
-    return luna_fwd(*xs, kpm, inv, _states(xs, kpm, seg, n_seg, opts), seg, n_seg, opts)
+    return luna_fwd(*xs, kpm, inv, *_states(xs, kpm, seg, n_seg, opts), seg, opts)
 
 
 def backward_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, p: Tensor, c: Tensor,
@@ -50,7 +51,7 @@ def backward_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, p: Tensor, c: T
     xs, kpm, inv, opts, seg, n_seg = _setup(q, k, v, p, c, key_padding_mask)
     if not xs[0].numel():
         return tuple(torch.zeros_like(x) for x in xs)
-    return luna_bwd(dout.contiguous(), *xs, kpm, inv, _states(xs, kpm, seg, n_seg, opts), suffix, seg, n_seg, opts)
+    return luna_bwd(dout.contiguous(), *xs, kpm, inv, *_states(xs, kpm, seg, n_seg, opts), suffix, seg, n_seg, opts)
 
 
 _luna_op = torch.library.custom_op("patterndsl::triton_luna", forward_body, mutates_args=())
