@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
 BUDGET="${BUDGET:-240}"         # seconds after which the benchmark starts no further case
 WORKERS="${WORKERS:-8}"         # pytest-xdist workers: the tests mostly wait for Triton's compiler
+TEST_TIMEOUT="${TEST_TIMEOUT:-300}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 
@@ -23,7 +24,7 @@ PY
 
 xdist=()
 python3 -c "import xdist" 2>/dev/null && xdist=(-n "$WORKERS")
-timeout 300 python3 -m pytest -q -m gpu "${xdist[@]}" -k "not fp32" tests/test_gpu_kernels.py \
+timeout "$TEST_TIMEOUT" python3 -m pytest -q -m gpu "${xdist[@]}" -k "not fp32" tests/test_gpu_kernels.py \
     tests/test_triton_softmax.py tests/test_triton_linear.py tests/test_triton_luna.py \
     --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log"
 tests_rc=${PIPESTATUS[0]}
