@@ -225,9 +225,9 @@ def device_name(device) -> str:
 
 def markdown(rows, device: str) -> str:
     lines = [BEGIN, "## GPU: Triton backend vs FlexAttention vs SDPA (benchmarks/gpu.py)", "",
-             f"Device: {device}. Median ms (`triton.testing.do_bench`); TFLOP/s count the pattern's useful work (allowed "
-             f"pairs only; dense SDPA is credited its dense work); % SDPA = TFLOP/s over dense SDPA's at the same "
-             f"shape. bf16, H = 16, B * N = 64k tokens.", "",
+             f"Device: {device}. Median ms (`triton.testing.do_bench`); TFLOP/s count the pattern's useful work "
+             f"(allowed pairs only; dense SDPA is credited its dense work); % SDPA = TFLOP/s over dense SDPA's at "
+             f"the same shape. bf16, H = 16, B * N = 64k tokens.", "",
              "| case | shape | pass | method | ms | TFLOP/s | % SDPA | check |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for name, t in r["times"].items():

@@ -173,7 +173,8 @@ def run(full: bool, archs: list[int], jobs: int = 1):
     crashed = False
     if jobs > 1:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        args = [sys.executable, "-m", "patterndsl.backends.triton.aot", "--arch", ",".join(map(str, archs))] + (["--full"] if full else [])
+        args = [sys.executable, "-m", "patterndsl.backends.triton.aot", "--arch", ",".join(map(str, archs))]
+        args += ["--full"] if full else []
         procs = [subprocess.Popen(args + ["--shard", f"{k}/{jobs}"], env=env, stdout=subprocess.DEVNULL)
                  for k in range(jobs)]
         crashed = any(p.wait() != 0 for p in procs)

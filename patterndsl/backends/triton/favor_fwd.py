@@ -352,7 +352,8 @@ def key_states(k, v, w, ck, kpm, P: int, seg: int, n_seg: int, scale_x: float, e
         chunks = (torch.empty(nc, B * H, nf, bf, bdv, **f32), torch.empty(nc, B * H, nf, bf, **f32),
                   torch.empty(nc, B * H, bdv, **f32), torch.empty(nc, B * H, **f32))
     favor_state_kernel[(B * H, nf, n_seg)](k, v, w, ck, kpm if kpm is not None else ck, *(chunks or (S, Z, VS, NS)),
-                                           S, Z, VS, NS, NK, P, w.shape[0], H, seg, scale_x, eps_r, **launch(opts, "state"))
+                                           S, Z, VS, NS, NK, P, w.shape[0], H, seg, scale_x, eps_r,
+                                           **launch(opts, "state"))
     return chunks, (S, Z, VS, NS)
 
 
@@ -373,5 +374,6 @@ def favor_fwd(q, k, v, w, cq, ck, kpm, chunks, states, c_prev, offsets, P: int, 
     favor_fwd_kernel[(n, B * H)](
         q, k, v, w, cq, ck, kpm if kpm is not None else cq, *(chunks or states), *states, c_prev,
         offsets.tensor(cq), out, den, offsets.scalar if causal else 0, c0, NQ, NK, P, w.shape[0], nf,
-        c_prev.shape[-1], H, seg, scale_x, *eps_values(kind, eps), ROW_OFFSETS=offsets.per_row and causal, **launch(opts, "fwd"))
+        c_prev.shape[-1], H, seg, scale_x, *eps_values(kind, eps), ROW_OFFSETS=offsets.per_row and causal,
+        **launch(opts, "fwd"))
     return out, den
