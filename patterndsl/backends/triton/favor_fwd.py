@@ -273,12 +273,14 @@ def favor_stats_kernel(X, W, OUT, ARG, N, M, scale_x, D: tl.constexpr, BLOCK_T: 
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def blocks(n: int, m: int, device) -> tuple[int, int]:
+def blocks(n: int, m: int, device, head_dim: int = 64) -> tuple[int, int]:
     """(BLOCK_T, BLOCK_F): tokens per chunk, features per block. Chunks of 64 on Hopper (wgmma needs 64 rows per
-    warpgroup), 32 on Ampere and in the interpreter (mma.sync keeps fewer registers per tile)."""
+    warpgroup), 32 on Ampere and in the interpreter (mma.sync keeps fewer registers per tile); feature blocks of
+    64, 32 above D = 64 (the `[D, features]` tiles must fit shared memory and registers)."""
     t = target(device)
     cap = 32 if t.interpreter or t.arch < 90 else 64
-    return min(cap, max(16, triton.next_power_of_2(n))), min(64, max(16, triton.next_power_of_2(m)))
+    fcap = 32 if head_dim > 64 and not t.interpreter else 64
+    return min(cap, max(16, triton.next_power_of_2(n))), min(fcap, max(16, triton.next_power_of_2(m)))
 
 
 # warps per kernel on a GPU: what keeps each free of register spills at 64-token chunks (see aot.py)
@@ -328,11 +330,13 @@ def favor_stats(x, w, scale_x: float):
 
 def meta(q, k, v, w, kind: int, causal: bool, kpm) -> dict:
     """Constexprs shared by the forward and backward kernels, and the warps of each (`launch`)."""
-    bt, bf = blocks(max(q.shape[2], k.shape[2]), w.shape[0], q.device)
+    bt, bf = blocks(max(q.shape[2], k.shape[2]), w.shape[0], q.device, max(q.shape[3], v.shape[3]))
     out = dict(KIND=kind, CAUSAL=causal, HAS_KPM=kpm is not None, D=q.shape[3], DV=v.shape[3], BLOCK_T=bt,
                BLOCK_F=bf, BLOCK_D=_bd(q.shape[3]), BLOCK_DV=_bd(v.shape[3]), PREC=precision(q.dtype, q.device))
     if not target(q.device).interpreter:
         out["warps"] = WARPS
+        if max(q.shape[3], v.shape[3]) > 64:
+            out["num_stages"] = 1           # no software pipelining: the D = 128 tiles fill shared memory
     return out
 
 

@@ -146,7 +146,8 @@ def luna_fwd_kernel(Q, K, V, P, C, KPM, INV, KCH, VCH, KC, VC, O, N, L, H, SEG, 
 def luna_meta(q, v, p) -> dict:
     """Block sizes, warps and dot precision shared by the forward and backward kernels: chunks of 64 tokens on
     Hopper up to l = 64 (wgmma needs 64 rows per warpgroup), 32 above (the `[BT, l]` fp32 tiles would spill) and
-    on Ampere and in the interpreter; the loops' products keep 64+ rows either way (D or l first)."""
+    on Ampere and in the interpreter; the loops' products keep 64+ rows either way (D or l first); 8 warps from
+    l = 64 or D = 128."""
     t = target(q.device)
     bl = max(16, triton.next_power_of_2(p.shape[2]))
     opts = dict(BLOCK_T=32 if t.interpreter or t.arch < 90 or bl > 64 else 64, BLOCK_L=bl,
@@ -156,7 +157,7 @@ def luna_meta(q, v, p) -> dict:
                                                  == "highest") else "tf32")
     opts["L_FIRST"] = not t.interpreter and t.arch >= 90 and bl >= 64 and opts["BLOCK_T"] < 64
     if not t.interpreter:
-        opts.update(num_warps=8 if bl >= 64 else 4)
+        opts.update(num_warps=8 if bl >= 64 or max(opts["BLOCK_D"], opts["BLOCK_DV"]) > 64 else 4)
     return opts
 
 
