@@ -1,8 +1,9 @@
 """The machine a Triton launch is for: GPU architecture, SM count and shared memory per block (or the interpreter).
 
 The launchers pick tile sizes, pipeline depths and grid splits from a `Target`: the CUDA device's properties,
-the interpreter's (`cpu` tensors under TRITON_INTERPRET=1), or, for `meta` tensors, a target set by
-`pretend(...)`, which is how `aot.py` captures the launches a GPU would get on a machine without one.
+the interpreter's (`cpu` tensors under TRITON_INTERPRET=1), or, for `meta` tensors (and CUDA devices named on a
+machine without one, for plans), a target set by `pretend(...)` (default: an H100/H200), which is how
+`aot_capture.py` captures the launches a GPU would get on a machine without one.
 
 >>> import torch
 >>> with pretend(80):
@@ -56,7 +57,7 @@ def target(device) -> Target:
     device = torch.device(device)
     if device.type == "cpu":
         return INTERPRETER
-    if device.type == "meta":
+    if device.type == "meta" or not torch.cuda.is_available():   # meta tensors, or plans made without a GPU
         return _PRETENDED.get() or Target(90, NUM_SMS[90], SMEM_PER_BLOCK[90])
     return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
 
