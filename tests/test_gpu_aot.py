@@ -6,7 +6,7 @@ The launches are captured through the public path (`pd.compile(...)` then the op
 tensors standing for the GPU; see patterndsl/backends/triton/aot_capture.py), compiled with the wheel's
 Triton and ptxas in a subprocess (the suite runs the interpreter, which replaces `triton.jit`), and cached on
 disk by kernel source and options. The default subset takes about a minute on two cores; the full sweep of
-the built-ins is marked `slow`.
+the built-ins is marked `slow` and runs with PATTERNDSL_AOT_FULL=1 (it alone would take CI's half hour).
 """
 import json
 import os
@@ -104,6 +104,8 @@ def test_problems_are_found():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PATTERNDSL_AOT_FULL") != "1",
+                    reason="the full sweep compiles ~340 kernel instances (~35 min on 2 cores): PATTERNDSL_AOT_FULL=1")
 def test_full_sweep_compiles_within_limits(tmp_path):
     """Every built-in at N = 4k..64k, bf16 and fp16, D = 64 and 128, forward and backward, on both targets."""
     rows = _aot(tmp_path, "--full")
