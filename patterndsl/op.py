@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .errors import PatternError
+from .inputs import check_key_padding_mask
 from .ir import mask as M
 from .ir.dense import dense_mask
 from .ir.program import INPUT, Linear, Nested, ProgramIR, Softmax, Stage
@@ -98,13 +99,7 @@ class AttentionOp:
         if self.ir.num_heads is not None and H != self.ir.num_heads:
             raise PatternError(f"pattern {self.name} splits {self.ir.num_heads} heads, but q has {H} heads "
                                f"{_shape(q)}", hint="set the pattern's head parameters to match")
-        if key_padding_mask is not None:
-            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-                got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
-                raise PatternError(f"key_padding_mask must be a bool tensor [B, N_k], got {got}")
-            if tuple(key_padding_mask.shape) != (B, k.shape[2]):
-                raise PatternError(f"key_padding_mask must be [{B}, {k.shape[2]}] (batch, keys), "
-                                   f"got {_shape(key_padding_mask)}")
+        check_key_padding_mask(key_padding_mask, B, k.shape[2])
         allowed = self.input_names()
         for name in inputs:
             if name not in allowed:
@@ -284,6 +279,12 @@ class AttentionOp:
         """The closed-form tile classes `[ceil(n_q/BM), ceil(n_k/BN)]` int8 (0 empty, 1 partial, 2 full)."""
         from .plan.layout import block_layout
         return block_layout(self._mask_stage(stage).mask, n_q, n_q if n_k is None else n_k, *block)
+
+    def properties(self, bound: int = 1024, block: int = 64):
+        """What the pattern guarantees, for every N where the closed forms decide it (`patterndsl.analysis`):
+        future keys per stage and through the dataflow, rows with no key, allowed pairs and tiles in N."""
+        from .analysis.checks import program_properties
+        return program_properties(self.ir, bound, block)
 
     def explain(self, seq_len: int, head_dim: int = 64, device="cpu", dtype=torch.float32, **shape):
         """The `Plan` for these shapes: schedule, kernel per stage and why, tiles, symbolic costs."""

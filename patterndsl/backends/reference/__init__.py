@@ -21,8 +21,8 @@ class ReferenceBackend:
                                 key_padding_mask=key_padding_mask)
 
     def nested(self, stage, q, k, v, *, p, c, key_padding_mask=None):
-        from .nested import nested_causal_attention
-        return nested_causal_attention(q, k, v, p, c, key_padding_mask=key_padding_mask)
+        from .nested import nested_attention
+        return nested_attention(q, k, v, p, c, key_padding_mask=key_padding_mask)
 
 
 BACKEND = ReferenceBackend()

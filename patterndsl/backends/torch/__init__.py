@@ -4,8 +4,8 @@ Plain torch ops on any device (the default on the CPU). Softmax stages walk only
 closed-form layout (`schedule.py`, `blocksparse.py`); a stage over `full` whose query or key side is short
 (Luna's pack and unpack through l packed rows) runs as one dense product over the short side, which is
 O(N * l) and cheaper than tiling l rows. Bidirectional FAVOR+ runs with in-place features and a
-hand-written backward (`favor.py`); the other linear stages and causal Luna use the chunked prefix-sum forms
-shared with the reference (memory O(N), never N x N).
+hand-written backward (`favor.py`); the other linear stages and causal Luna use chunked prefix sums
+(`linear_scan.py`, `nested_scan.py`; memory O(N), never N x N), whose naive twins are the reference's.
 """
 from __future__ import annotations
 
@@ -56,13 +56,13 @@ class TorchBackend:
         if _fused_favor(stage) and not projection.requires_grad:
             from .favor import favor_attention
             return favor_attention(q, k, v, projection, stage.normaliser.feature_map.eps, key_padding_mask)
-        from ..reference.linear import linear_attention
+        from .linear_scan import linear_attention
         return linear_attention(q, k, v, stage.normaliser.feature_map, projection, causal=stage.causal,
                                 key_padding_mask=key_padding_mask, chunk=CAUSAL_CHUNK)
 
     def nested(self, stage, q, k, v, *, p, c, key_padding_mask=None):
-        from ..reference.nested import nested_causal_attention
-        return nested_causal_attention(q, k, v, p, c, key_padding_mask=key_padding_mask)
+        from .nested_scan import nested_attention
+        return nested_attention(q, k, v, p, c, key_padding_mask=key_padding_mask)
 
 
 def _short_full(stage, n_q: int, n_k: int) -> bool:

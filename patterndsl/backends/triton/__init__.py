@@ -56,9 +56,8 @@ class TritonBackend:
         return default_blocks(head_dim, torch.device(device))[:2]
 
     def softmax(self, stage, q, k, v, *, scale, key_padding_mask=None, runtime=None):
-        from .softmax import softmax_attention
-        return softmax_attention(q, k, v, stage.mask, scale=scale, key_padding_mask=key_padding_mask,
-                                 runtime=runtime)
+        from .softmax import run_softmax      # the op has checked the inputs
+        return run_softmax(q, k, v, stage.mask, scale=scale, key_padding_mask=key_padding_mask, runtime=runtime)
 
     def linear(self, stage, q, k, v, *, projection, key_padding_mask=None):
         from .favor import linear_attention

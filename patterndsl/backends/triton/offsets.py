@@ -18,9 +18,9 @@ import torch
 
 from ...errors import PatternError
 from ...ir import mask as M
-from ...plan.layout import FULL
-from .codegen import is_band
-from .tiles import TilePlan, _csr, _split, make_plan, tile_classes
+from ...plan.layout import FULL, tile_layout
+from ...plan.schedule import tile_classes, work_items
+from .tiles import TilePlan, WorkList, make_tile_plan
 
 
 @dataclass(frozen=True)
@@ -97,51 +97,50 @@ def absolute_runtime(mask: M.Mask, runtime: dict, offsets: QueryOffsets, n_q: in
 
 
 # ---------------------------------------------------------------------------------------------------------
-# INTERIM: the schedule of shifted query rows. Until plan.layout takes q_offset (structure workstream), the
-# layout of rows [o, o + n_q) is computed here, and only here: a band shifts exactly (its tiles are walked by
-# arithmetic bounds, and the kernels test full tiles at absolute positions); any other mask takes the layout
-# of the absolute rows [0, o + n_q) and gives each shifted query block the classes of the (at most two)
-# absolute blocks it overlaps: empty if both are, full if both are, else partial. Several offsets take the
-# union (nonempty if any is, full only if all are). Replace with the layout's own q_offset when it lands.
+# The schedule. One offset for the whole batch: the layout's own (`make_tile_plan(q_offset=...)`). Rows at
+# different offsets: the union of their layouts (a tile nonempty if it is for any offset, full only if it is
+# for all), so one work list serves every batch row; the kernels test partial tiles at each row's positions.
 # ---------------------------------------------------------------------------------------------------------
 def offset_plan(mask: M.Mask, n_q: int, n_k: int, block_m: int, block_n: int, split: int | None,
                 offsets: QueryOffsets, runtime: dict | None, device) -> TilePlan:
     """The tile schedule of `mask` for query rows at absolute positions `offsets + [0, n_q)`."""
-    if offsets.distinct == (0,):
-        return make_plan(mask, n_q, n_k, block_m, block_n, split, runtime, device)
-    if is_band(mask):
-        lo, hi = (mask.lo, mask.hi) if isinstance(mask, M.Band) else (None, None)
-        shifted = M.Band(None if lo is None else lo - max(offsets.distinct),
-                         None if hi is None else hi - min(offsets.distinct), 1)
-        plan = make_plan(shifted, n_q, n_k, block_m, block_n, split, None, device)
-        return TilePlan(block_m, block_n, n_q, n_k, True, plan.rows, plan.cols)
+    if len(offsets.distinct) == 1:
+        return make_tile_plan(mask, n_q, n_k, block_m, block_n, split, runtime, device, offsets.distinct[0])
     if not M.runtime_inputs(mask):
-        return _cached_list_plan(mask, n_q, n_k, block_m, block_n, split, offsets.distinct, torch.device(device))
-    return _list_plan(mask, n_q, n_k, block_m, block_n, split, offsets.distinct, runtime, device)
+        return _cached_union(mask, n_q, n_k, block_m, block_n, split, offsets.distinct, torch.device(device))
+    return _union_plan(mask, n_q, n_k, block_m, block_n, split, offsets.distinct, runtime).to(device)
 
 
 @functools.lru_cache(maxsize=128)
-def _cached_list_plan(mask, n_q, n_k, block_m, block_n, split, distinct, device) -> TilePlan:
-    return _list_plan(mask, n_q, n_k, block_m, block_n, split, distinct, None, device)
+def _cached_union(mask, n_q, n_k, block_m, block_n, split, distinct, device) -> TilePlan:
+    return _union_plan(mask, n_q, n_k, block_m, block_n, split, distinct, None).to(device)
 
 
-def _list_plan(mask, n_q, n_k, block_m, block_n, split, distinct, runtime, device) -> TilePlan:
+def _classes(layout) -> torch.Tensor:
+    """The dense int8 grid of a sparse layout's kernel classes (the ragged last key tile partial)."""
+    g = layout.grid
+    out = torch.zeros(g.nqb, g.nkb, dtype=torch.int8)
+    rows = torch.repeat_interleave(torch.arange(g.nqb), layout.row_ptr[1:] - layout.row_ptr[:-1])
+    out[rows, layout.col_idx] = tile_classes(layout).to(torch.int8)
+    return out
+
+
+def _lists(cls: torch.Tensor, split):
+    nz = cls != 0
+    row_ptr = torch.zeros(cls.shape[0] + 1, dtype=torch.long)
+    row_ptr[1:] = nz.sum(1).cumsum(0)
+    rows, cols = nz.nonzero(as_tuple=True)
+    codes = cols * 2 + (cls[rows, cols] == FULL).long()
+    items = work_items(row_ptr[:-1], row_ptr[1:], split)
+    work = torch.stack([items.block, items.start, items.end, items.slot], 1).to(torch.int32).contiguous()
+    return WorkList(work, codes.to(torch.int32).contiguous(), items.slots, items.groups, items.group_blocks,
+                    items.longest)
+
+
+def _union_plan(mask, n_q, n_k, block_m, block_n, split, distinct, runtime) -> TilePlan:
     cls = None
     for o in distinct:
-        c = shifted_classes(mask, n_q, n_k, block_m, block_n, o, runtime)
+        c = _classes(tile_layout(mask, n_q, n_k, block_m, block_n, runtime, o))
         cls = c if cls is None else torch.where((cls == FULL) & (c == FULL), FULL, torch.maximum(cls, c).clamp(max=1))
-    rows = _split(*_csr(cls), split)
-    cols = _split(*_csr(cls.t().contiguous()), split)
-    return TilePlan(block_m, block_n, n_q, n_k, False, rows.to(device), cols.to(device))
-
-
-def shifted_classes(mask: M.Mask, n_q: int, n_k: int, block_m: int, block_n: int, offset: int,
-                    runtime: dict | None) -> torch.Tensor:
-    """int8 `[ceil(n_q / BM), ceil(n_k / BN)]` classes of the query blocks starting at `offset + qb * BM`."""
-    absolute = tile_classes(mask, offset + n_q, n_k, block_m, block_n, runtime)
-    nqb = -(-n_q // block_m)
-    first = offset + torch.arange(nqb) * block_m
-    last = torch.minimum(first + block_m, torch.tensor(offset + n_q)) - 1
-    a, b = absolute[first // block_m], absolute[last // block_m]
-    both_full = (a == FULL) & (b == FULL)
-    return torch.where(both_full, FULL, torch.maximum(a, b).clamp(max=1)).to(torch.int8)
+    cls = cls.to(torch.int8)
+    return TilePlan(block_m, block_n, n_q, n_k, False, _lists(cls, split), _lists(cls.t().contiguous(), split))

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from ...errors import PatternError
+from ...inputs import check_key_padding_mask
 from ...ir import mask as M
-from ..custom import flatten_ids, register, spec, unflatten_ids
+from ..custom import flatten_ids, register, register_backward, spec, unflatten_ids
 from .codegen import mask_module
 from .offsets import QueryOffsets, absolute_runtime, offset_plan, offset_values
 from .softmax_bwd import softmax_bwd
@@ -69,9 +70,10 @@ def _prepare(q, k, key, ids, q_offset):
     _, mask, bm, bn, split, warps = spec(key)
     B, n_q, n_k = q.shape[0], q.shape[2], k.shape[2]
     offsets = QueryOffsets(tuple(q_offset), str(q.device))
-    runtime = absolute_runtime(mask, unflatten_ids(mask, ids), offsets, n_q)
-    plan = offset_plan(mask, n_q, n_k, bm, bn, split, offsets, runtime, q.device)
-    aux = build_aux(mask, offsets.extent(n_q), n_k, B, runtime, q.device)
+    given = unflatten_ids(mask, ids)
+    plan = offset_plan(mask, n_q, n_k, bm, bn, split, offsets, given, q.device)
+    # the kernels evaluate masks at absolute positions: the AUX leaves cover rows [0, max offset + n_q)
+    aux = build_aux(mask, offsets.extent(n_q), n_k, B, absolute_runtime(mask, given, offsets, n_q), q.device)
     return plan, mask_module(mask), aux, offsets, kernel_options(q.dtype, q.device, warps, q.shape[3])
 
 
@@ -107,21 +109,7 @@ def _(dout, dlse, q, k, v, out, lse, key_padding_mask, ids, key, scale, q_offset
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)   # contiguous, like the kernels'
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, ids, key, scale, q_offset = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, *ids)
-    ctx.opts = (key, scale, q_offset)
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, key_padding_mask, *ids = ctx.saved_tensors
-    key, scale, q_offset = ctx.opts
-    dq, dk, dv = _softmax_bwd_op(dout, dlse, q, k, v, out, lse, key_padding_mask, list(ids), key, scale, q_offset)
-    return dq, dk, dv, None, [None] * len(ids), None, None, None
-
-
-_softmax_op.register_autograd(_backward, setup_context=_setup_context)
+register_backward(_softmax_op, _softmax_bwd_op, lambda d, x, o: (d[0], d[1], *x[:3], *o, *x[3:]))
 
 
 # ------------------------------------------------------------------------------------------------ public
@@ -137,24 +125,27 @@ def check_dtypes(what: str, *tensors) -> None:
                            f"{', '.join(str(d) for d in dtypes)}")
 
 
-def _check(q, k, v, key_padding_mask):
+def _check_inputs(q, k, v, key_padding_mask):
+    """What the op checks before any backend runs (`softmax_attention` may be called directly); k, v may have
+    fewer heads than q (GQA)."""
     for nm, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = f"{t.dim()} dims" if isinstance(t, torch.Tensor) else type(t).__name__
             raise PatternError(f"{nm} must be a tensor [B, H, N, D], got {got}")
-    check_dtypes("softmax attention", q, k, v)
-    if max(q.shape[3], v.shape[3]) > MAX_HEAD_DIM:
-        raise PatternError(f"the Triton kernels take head dims up to {MAX_HEAD_DIM}, got q {q.shape[3]}, "
-                           f"v {v.shape[3]}", hint="use backend='torch' for larger heads")
     B, H = q.shape[:2]
     if (k.shape[3] != q.shape[3] or k.shape[0] != B or k.shape[1] < 1 or H % k.shape[1]
             or v.shape[:3] != k.shape[:3]):
         raise PatternError(f"q, k, v shapes do not fit: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}",
                            hint="q [B, H, N_q, D], k [B, H_kv, N_k, D], v [B, H_kv, N_k, D_v], H_kv dividing H")
-    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
-                                         or tuple(key_padding_mask.shape) != (q.shape[0], k.shape[2])):
-        raise PatternError(f"key_padding_mask must be bool [{q.shape[0]}, {k.shape[2]}], got "
-                           f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}")
+    check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
+
+
+def _check_support(q, k, v):
+    """What the kernels take beyond the op's checks."""
+    check_dtypes("softmax attention", q, k, v)
+    if max(q.shape[3], v.shape[3]) > MAX_HEAD_DIM:
+        raise PatternError(f"the Triton kernels take head dims up to {MAX_HEAD_DIM}, got q {q.shape[3]}, "
+                           f"v {v.shape[3]}", hint="use backend='torch' for larger heads")
 
 
 def _blocks(q, block, split):
@@ -184,7 +175,16 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: M.Mask, scale: floa
     (a tensor is read on the host). `block` = (BLOCK_M, BLOCK_N) and `split` (most tiles per program) override
     the defaults. Returns out `[B, H, N_q, D_v]` (and lse `[B, H, N_q]` float32 if `return_lse`).
     """
-    _check(q, k, v, key_padding_mask)
+    _check_inputs(q, k, v, key_padding_mask)
+    return run_softmax(q, k, v, mask, scale, key_padding_mask, runtime, block, split, return_lse, q_offset)
+
+
+def run_softmax(q: Tensor, k: Tensor, v: Tensor, mask: M.Mask, scale: float | None = None,
+                key_padding_mask: Tensor | None = None, runtime: dict | None = None,
+                block: tuple[int, int] | None = None, split: int | None = None, return_lse: bool = False,
+                q_offset=None):
+    """`softmax_attention` for inputs the op has checked (the backend's entry)."""
+    _check_support(q, k, v)
     bm, bn, warps = _blocks(q, block, split)
     offsets = list(offset_values(q_offset, q.shape[0])) or [0]   # never empty: autograd reads [] as a list
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
