@@ -45,6 +45,15 @@ class QueryOffsets:
     def distinct(self) -> tuple[int, ...]:
         return tuple(sorted(set(self.values))) or (0,)
 
+    @property
+    def base(self) -> int:
+        """The smallest offset: the one the softmax kernels' AUX[0] holds."""
+        return min(self.values, default=0)
+
+    def relative(self) -> "QueryOffsets":
+        """The offsets past `base` (all 0 when one offset serves every row)."""
+        return QueryOffsets(tuple(o - self.base for o in self.values), self.device)
+
     def extent(self, n_q: int) -> int:
         """One past the last absolute query position."""
         return max(self.values, default=0) + n_q
@@ -81,8 +90,8 @@ def offset_values(q_offset, batch: int) -> tuple[int, ...]:
 
 
 def absolute_runtime(mask: M.Mask, runtime: dict, offsets: QueryOffsets, n_q: int) -> dict:
-    """`same(...)` query ids placed at absolute positions `[B, extent]` (rows no query of the call holds get an id
-    no key has), so the kernels and the layout index them by absolute position."""
+    """`same(...)` query ids placed at rows `offsets + [0, n_q)` of `[B, extent]` (rows no query of the call
+    holds get an id no key has), so the kernels index them as they index rows (by row plus offset)."""
     if not offsets.values or offsets.extent(n_q) == n_q:
         return runtime
     out = {}

@@ -72,9 +72,11 @@ def _prepare(q, k, key, ids, q_offset):
     offsets = QueryOffsets(tuple(q_offset), str(q.device))
     given = unflatten_ids(mask, ids)
     plan = offset_plan(mask, n_q, n_k, bm, bn, split, offsets, given, q.device)
-    # the kernels evaluate masks at absolute positions: the AUX leaves cover rows [0, max offset + n_q)
-    aux = build_aux(mask, offsets.extent(n_q), n_k, B, absolute_runtime(mask, given, offsets, n_q), q.device)
-    return plan, mask_module(mask), aux, offsets, kernel_options(q.dtype, q.device, warps, q.shape[3])
+    # one offset mechanism: AUX[0] holds the smallest offset and mask_tile adds it to the row it gets; batch rows
+    # further on (per-row offsets that differ) pass their row plus their offset past AUX[0] (`rel`)
+    rel = offsets.relative()
+    aux = build_aux(mask, rel.extent(n_q), n_k, B, absolute_runtime(mask, given, rel, n_q), q.device, offsets.base)
+    return plan, mask_module(mask), aux, rel, kernel_options(q.dtype, q.device, warps, q.shape[3])
 
 
 # ------------------------------------------------------------------------------------------- custom ops

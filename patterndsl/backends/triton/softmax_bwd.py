@@ -16,8 +16,8 @@ import triton.language as tl
 from .softmax_fwd import _allowed, _dot, _load_rows, _tile_code, block_d
 
 
-@triton.jit(do_not_specialize=["q_off"])
-def softmax_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DQP, WORK, TILES, KPM, AUX, QOFF, sm_scale, q_off, N_Q,
+@triton.jit
+def softmax_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DQP, WORK, TILES, KPM, AUX, QOFF, sm_scale, N_Q,
                           N_QM, N_K, H, GROUP, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                           stride_vb, stride_vh, stride_vn, mask_tile: tl.constexpr, tile_full: tl.constexpr,
                           BAND: tl.constexpr, HAS_KPM: tl.constexpr, ROW_OFFSETS: tl.constexpr,
@@ -32,12 +32,12 @@ def softmax_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DQP, WORK, TILES, KPM, AU
     start = tl.load(WORK + w * 4 + 1)
     end = tl.load(WORK + w * 4 + 2)
     slot = tl.load(WORK + w * 4 + 3)
-    if ROW_OFFSETS:
-        q_off = tl.load(QOFF + b)
     bh64 = bh.to(tl.int64)
     b64 = b.to(tl.int64)
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    i = (q_off + rows)[:, None]
+    i = rows[:, None]                                # rows in AUX's frame; mask_tile adds the offset AUX[0]
+    if ROW_OFFSETS:
+        i = i + tl.load(QOFF + b)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     in_q = rows < N_Q
@@ -53,7 +53,7 @@ def softmax_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DQP, WORK, TILES, KPM, AU
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for t in range(start, end):
-        kb, full = _tile_code(TILES, t, q_off + qb * BLOCK_M, 0, BAND, BLOCK_M, BLOCK_N, N_K, tile_full, True)
+        kb, full = _tile_code(TILES, t, qb * BLOCK_M, 0, BAND, BLOCK_M, BLOCK_N, N_K, tile_full, True)
         j = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, j, stride_kn, offs_d, N_K, D, BLOCK_D, EVEN_K, False)
         vt = _load_rows(v_base, j, stride_vn, offs_dv, N_K, DV, BLOCK_DV, EVEN_K, True)
@@ -72,9 +72,9 @@ def softmax_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DQP, WORK, TILES, KPM, AU
         tl.store(DQP + part[:, None] * BLOCK_D + offs_d[None, :], dq)
 
 
-@triton.jit(do_not_specialize=["q_off"])
+@triton.jit
 def softmax_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DKP, DVP, WORK, TILES, KPM, AUX, QOFF, sm_scale,
-                            q_off, N_Q, N_QM, N_K, H, GROUP, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                            N_Q, N_QM, N_K, H, GROUP, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
                             stride_kn, stride_vb, stride_vh, stride_vn, mask_tile: tl.constexpr,
                             tile_full: tl.constexpr, BAND: tl.constexpr, HAS_KPM: tl.constexpr,
                             ROW_OFFSETS: tl.constexpr, EVEN_K: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
@@ -89,8 +89,9 @@ def softmax_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DKP, DVP, WORK, TI
     start = tl.load(WORK + w * 4 + 1)
     end = tl.load(WORK + w * 4 + 2)
     slot = tl.load(WORK + w * 4 + 3)
+    shift = 0                                        # rows in AUX's frame; mask_tile adds the offset AUX[0]
     if ROW_OFFSETS:
-        q_off = tl.load(QOFF + b)
+        shift = tl.load(QOFF + b)
     b64 = b.to(tl.int64)
     j = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -107,7 +108,7 @@ def softmax_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DKP, DVP, WORK, TI
         bh64 = b64 * H + kvh * GROUP + g
         q_base = Q + b64 * stride_qb + (kvh * GROUP + g).to(tl.int64) * stride_qh
         for t in range(start, end):
-            qb, full = _tile_code(TILES, t, q_off, kb * BLOCK_N, BAND, BLOCK_M, BLOCK_N, N_K, tile_full, False)
+            qb, full = _tile_code(TILES, t, 0, kb * BLOCK_N, BAND, BLOCK_M, BLOCK_N, N_K, tile_full, False)
             rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
             in_q = rows < N_Q
             q = _load_rows(q_base, rows, stride_qn, offs_d, N_Q, D, BLOCK_D, False, False)
@@ -116,7 +117,7 @@ def softmax_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DKP, DVP, WORK, TI
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
             delta = tl.load(DELTA + bh64 * N_Q + rows, mask=in_q, other=0.0)
             st = _dot(k, tl.trans(q), PREC, UPCAST) * qk_scale                    # [BN, BM]
-            st = _allowed(st, (q_off + rows)[None, :], j[:, None], b, N_QM, N_K, KPM, AUX, full, mask_tile,
+            st = _allowed(st, (shift + rows)[None, :], j[:, None], b, N_QM, N_K, KPM, AUX, full, mask_tile,
                           HAS_KPM, EVEN_K)
             pt = tl.exp2(st - lse2[None, :])
             dv += _dot(pt.to(do.dtype), do, PREC, UPCAST)
@@ -178,7 +179,7 @@ def softmax_bwd(do, q, k, v, out, lse, plan, mod, scale: float, key_padding_mask
     common = dict(mask_tile=mod.mask_tile, tile_full=mod.tile_full, BAND=plan.band,
                   HAS_KPM=key_padding_mask is not None, ROW_OFFSETS=offsets.per_row, EVEN_K=NK % BN == 0, D=D,
                   DV=DV, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BLOCK_DV=BDV)
-    scalars = (offsets.tensor(aux), scale, offsets.scalar, NQ, offsets.extent(NQ), NK, H, H // HKV,
+    scalars = (offsets.tensor(aux), scale, NQ, offsets.extent(NQ), NK, H, H // HKV,
                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     f32 = dict(dtype=torch.float32, device=q.device)
     if NQ:

@@ -2,7 +2,9 @@
 
 Each program walks its tiles with an online softmax in base 2 (`m`, `l`, `acc` in float32). K and V tiles are
 loaded at the top of the loop body whatever the tile's class, so Triton pipelines them (cp.async, async wgmma);
-only partial tiles then evaluate the generated `mask_tile`, at absolute query positions `q_offset + row`. The
+only partial tiles then evaluate the generated `mask_tile`, which adds the call's query offset (AUX[0], written by
+`build_aux`) to the row it is given: the kernels pass rows, plus (batch rows at different offsets) the row's
+offset relative to AUX[0] from `QOFF`, never the offset itself. The
 program writes `out = acc / l` and `lse = ln(sum exp(scores))` (-inf and zeros for a row with no allowed key); a
 piece of a split block writes its own normalised output and lse to a partial slot, and `softmax_merge_kernel`
 combines the pieces by log-sum-exp. K and V may have fewer heads than Q (GQA): head `h` reads kv head
@@ -27,8 +29,9 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _tile_code(TILES, t, m0, n0, BAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_K,
                tile_full: tl.constexpr, ROWS: tl.constexpr):
-    """(other block, is_full) of the t-th tile of a work item: arithmetic for bands, else from the list. A row
-    item starts at absolute query position `m0`; a column item at key `n0`, its query blocks at `m0 + t * BM`."""
+    """(other block, is_full) of the t-th tile of a work item: arithmetic for bands (scheduled only at query offset
+    0, so rows are positions), else from the list. A row item starts at row `m0`; a column item at key `n0`, its
+    query blocks at `m0 + t * BM`."""
     if BAND:
         if ROWS:
             full = tile_full(m0, t * BLOCK_N, N_K, BLOCK_M, BLOCK_N)
@@ -68,7 +71,7 @@ def _load_rows(base, j, stride, offs, N, DIM: tl.constexpr, BLOCK: tl.constexpr,
 @triton.jit
 def _allowed(s, i, j, b, N_QM, N_K, KPM, AUX, full, mask_tile: tl.constexpr, HAS_KPM: tl.constexpr,
              EVEN_K: tl.constexpr):
-    """Scores `s` with disallowed pairs at -inf; `i` absolute query positions, `j` key indices (broadcast as
+    """Scores `s` with disallowed pairs at -inf; `i` query rows in AUX's frame, `j` key indices (broadcast as
     `[BM, 1]` and `[1, BN]`, or transposed). Full tiles skip the mask; key padding applies everywhere."""
     if not full:
         ok = mask_tile(i, j, b, N_QM, N_K, AUX)
@@ -81,8 +84,8 @@ def _allowed(s, i, j, b, N_QM, N_K, KPM, AUX, full, mask_tile: tl.constexpr, HAS
     return s
 
 
-@triton.jit(do_not_specialize=["q_off"])
-def softmax_fwd_kernel(Q, K, V, O, LSE, OP, LSEP, WORK, TILES, KPM, AUX, QOFF, sm_scale, q_off, N_Q, N_QM, N_K,
+@triton.jit
+def softmax_fwd_kernel(Q, K, V, O, LSE, OP, LSEP, WORK, TILES, KPM, AUX, QOFF, sm_scale, N_Q, N_QM, N_K,
                        H, GROUP, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
                        stride_vh, stride_vn, mask_tile: tl.constexpr, tile_full: tl.constexpr, BAND: tl.constexpr,
                        HAS_KPM: tl.constexpr, ROW_OFFSETS: tl.constexpr, EVEN_K: tl.constexpr, D: tl.constexpr,
@@ -96,10 +99,10 @@ def softmax_fwd_kernel(Q, K, V, O, LSE, OP, LSEP, WORK, TILES, KPM, AUX, QOFF, s
     start = tl.load(WORK + w * 4 + 1)
     end = tl.load(WORK + w * 4 + 2)
     slot = tl.load(WORK + w * 4 + 3)
-    if ROW_OFFSETS:
-        q_off = tl.load(QOFF + b)
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    i = (q_off + rows)[:, None]                                           # absolute query positions
+    i = rows[:, None]                                # rows in AUX's frame; mask_tile adds the offset AUX[0]
+    if ROW_OFFSETS:
+        i = i + tl.load(QOFF + b)                    # this batch row's offset past AUX[0]
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     b64 = b.to(tl.int64)
@@ -112,7 +115,7 @@ def softmax_fwd_kernel(Q, K, V, O, LSE, OP, LSEP, WORK, TILES, KPM, AUX, QOFF, s
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for t in range(start, end):
-        kb, full = _tile_code(TILES, t, q_off + qb * BLOCK_M, 0, BAND, BLOCK_M, BLOCK_N, N_K, tile_full, True)
+        kb, full = _tile_code(TILES, t, qb * BLOCK_M, 0, BAND, BLOCK_M, BLOCK_N, N_K, tile_full, True)
         j = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         kt = _load_rows(k_base, j, stride_kn, offs_d, N_K, D, BLOCK_D, EVEN_K, True)
         v = _load_rows(v_base, j, stride_vn, offs_dv, N_K, DV, BLOCK_DV, EVEN_K, False)
@@ -180,7 +183,7 @@ def block_d(d: int) -> int:
 
 def softmax_fwd(q, k, v, plan, mod, scale: float, key_padding_mask, aux, offsets, opts: dict):
     """Launch the forward. q `[B, H, N_q, D]`, k `[B, H_kv, N_k, D]`, v `[B, H_kv, N_k, D_v]` (unit stride in
-    D); `plan` a `TilePlan`, `mod` the generated mask module, `offsets` a `QueryOffsets`, `opts` the launch
+    D); `plan` a `TilePlan`, `mod` the generated mask module, `offsets` the `QueryOffsets` relative to AUX[0], `opts` the launch
     options (`kernel_options`). Returns (out `[B, H, N_q, D_v]`, lse `[B, H, N_q]` float32)."""
     B, H, NQ, D = q.shape
     NK, DV = k.shape[2], v.shape[3]
@@ -194,8 +197,8 @@ def softmax_fwd(q, k, v, plan, mod, scale: float, key_padding_mask, aux, offsets
     lsep = torch.empty(max(rows.slots, 1), B * H, BM, dtype=torch.float32, device=q.device)
     kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else aux
     softmax_fwd_kernel[(rows.work.shape[0], B * H)](
-        q, k, v, out, lse, op, lsep, rows.work, rows.tiles, kpm, aux, offsets.tensor(aux), scale, offsets.scalar, NQ,
-        offsets.extent(NQ), NK, H, H // k.shape[1], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        q, k, v, out, lse, op, lsep, rows.work, rows.tiles, kpm, aux, offsets.tensor(aux), scale, NQ, offsets.extent(NQ),
+        NK, H, H // k.shape[1], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         mask_tile=mod.mask_tile, tile_full=mod.tile_full, BAND=plan.band, HAS_KPM=key_padding_mask is not None,
         ROW_OFFSETS=offsets.per_row, EVEN_K=NK % BN == 0, D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
         BLOCK_DV=BDV, **opts)
