@@ -183,8 +183,8 @@ def block_d(d: int) -> int:
 
 def softmax_fwd(q, k, v, plan, mod, scale: float, key_padding_mask, aux, offsets, opts: dict):
     """Launch the forward. q `[B, H, N_q, D]`, k `[B, H_kv, N_k, D]`, v `[B, H_kv, N_k, D_v]` (unit stride in
-    D); `plan` a `TilePlan`, `mod` the generated mask module, `offsets` the `QueryOffsets` relative to AUX[0], `opts` the launch
-    options (`kernel_options`). Returns (out `[B, H, N_q, D_v]`, lse `[B, H, N_q]` float32)."""
+    D); `plan` a `TilePlan`, `mod` the generated mask module, `offsets` the `QueryOffsets` relative to AUX[0],
+    `opts` the launch options (`kernel_options`). Returns (out `[B, H, N_q, D_v]`, lse `[B, H, N_q]` float32)."""
     B, H, NQ, D = q.shape
     NK, DV = k.shape[2], v.shape[3]
     out = torch.empty(B, H, NQ, DV, dtype=q.dtype, device=q.device)
@@ -197,8 +197,8 @@ def softmax_fwd(q, k, v, plan, mod, scale: float, key_padding_mask, aux, offsets
     lsep = torch.empty(max(rows.slots, 1), B * H, BM, dtype=torch.float32, device=q.device)
     kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else aux
     softmax_fwd_kernel[(rows.work.shape[0], B * H)](
-        q, k, v, out, lse, op, lsep, rows.work, rows.tiles, kpm, aux, offsets.tensor(aux), scale, NQ, offsets.extent(NQ),
-        NK, H, H // k.shape[1], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        q, k, v, out, lse, op, lsep, rows.work, rows.tiles, kpm, aux, offsets.tensor(aux), scale, NQ,
+        offsets.extent(NQ), NK, H, H // k.shape[1], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         mask_tile=mod.mask_tile, tile_full=mod.tile_full, BAND=plan.band, HAS_KPM=key_padding_mask is not None,
         ROW_OFFSETS=offsets.per_row, EVEN_K=NK % BN == 0, D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
         BLOCK_DV=BDV, **opts)
