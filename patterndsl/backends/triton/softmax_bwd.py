@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmax_fwd import _allowed, _dot, _load_rows, _tile_code, block_d
+from .softmax_fwd import _allowed, _dot, _load_rows, _tile_code, block_d, default_launch
 
 
 @triton.jit
@@ -158,12 +158,13 @@ def softmax_sum_kernel(G, P, GROUPS, GROUP_BLOCK, WIDTH, N, D: tl.constexpr, BLO
 
 
 # ----------------------------------------------------------------------------------------------- launcher
-def softmax_bwd(do, q, k, v, out, lse, plan, mod, scale: float, key_padding_mask, aux, offsets, opts: dict,
-                dlse=None):
+def softmax_bwd(do, q, k, v, out, lse, plan, mod, scale: float, key_padding_mask, aux, offsets=None,
+                opts: dict | None = None, dlse=None):
     """Gradients (dq, dk, dv) of the forward, contiguous; q, k, v, out as in `softmax_fwd`, `do` contiguous,
     `opts` the launch options of the dq ("fwd") and dk/dv ("dkdv") kernels,
     lse `[B, H, N_q]`; `dlse` (the gradient of lse, optional) enters as `delta -= dlse` since
     `d lse_i / d s_ij = p_ij`."""
+    offsets, opts = default_launch(q, offsets, opts)
     B, H, NQ, D = q.shape
     HKV, NK, DV = k.shape[1], k.shape[2], v.shape[3]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -181,10 +181,23 @@ def block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def softmax_fwd(q, k, v, plan, mod, scale: float, key_padding_mask, aux, offsets, opts: dict):
+def default_launch(q, offsets, opts, part: str | None = None):
+    """`offsets` and `opts` of a launcher called without them: one offset for every row (AUX[0]'s), and
+    `kernel_options` for q with the default warps (its `part` entry, or all of it)."""
+    from .offsets import QueryOffsets
+    from .softmax import default_blocks, kernel_options
+    if opts is None:
+        opts = kernel_options(q.dtype, q.device, default_blocks(q.shape[3], q.device)[2], q.shape[3])
+        opts = opts[part] if part else opts
+    return offsets or QueryOffsets((), str(q.device)), opts
+
+
+def softmax_fwd(q, k, v, plan, mod, scale: float, key_padding_mask, aux, offsets=None, opts: dict | None = None):
     """Launch the forward. q `[B, H, N_q, D]`, k `[B, H_kv, N_k, D]`, v `[B, H_kv, N_k, D_v]` (unit stride in
     D); `plan` a `TilePlan`, `mod` the generated mask module, `offsets` the `QueryOffsets` relative to AUX[0],
-    `opts` the launch options (`kernel_options`). Returns (out `[B, H, N_q, D_v]`, lse `[B, H, N_q]` float32)."""
+    `opts` the launch options (`kernel_options`); both optional (`default_launch`). Returns (out `[B, H, N_q, D_v]`,
+    lse `[B, H, N_q]` float32)."""
+    offsets, opts = default_launch(q, offsets, opts, "fwd")
     B, H, NQ, D = q.shape
     NK, DV = k.shape[2], v.shape[3]
     out = torch.empty(B, H, NQ, DV, dtype=q.dtype, device=q.device)
