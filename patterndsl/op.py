@@ -9,6 +9,8 @@ torch.Size([1, 2, 8, 4])
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .errors import PatternError
@@ -19,6 +21,41 @@ from .ir.program import INPUT, Linear, Nested, ProgramIR, Softmax, Stage
 OP_OPTIONS = ("projection",)
 NESTED_KEYS = "c"
 MAX_DENSE_PAIRS = 1 << 32  # op.mask: 4 GiB of bool  # the runtime input of causal Luna: pack keys pc(x) [B, H, N, D]
+
+
+_LIVE = weakref.WeakValueDictionary()     # id -> op, for `_chosen` (torch.compile calls it with constants only)
+
+
+@torch.compiler.assume_constant_result
+def _chosen(op_id: int, name: str, B: int, H: int, n_q: int, n_k: int, D: int, Dv: int, dtype: str, device: str,
+            padded: bool, grad: bool, packed: int) -> str:
+    """The name of the lowering for (stage, shapes, dtype, device, padding, grad, packed length), cached per
+    shape class (lengths by power-of-two bucket), calibration and pins. Plain arguments: torch.compile folds
+    the call to a constant."""
+    from .plan.calibrate import generation
+    from .plan.lowering import Problem, bucket
+    from .plan.select import choose, pinned
+    op = _LIVE[op_id]
+    cls = (name, B, H, bucket(n_q), bucket(n_k), n_q % 128 == 0, n_k % 128 == 0, D, Dv, dtype, device, padded,
+           grad, packed, generation(), pinned())
+    found = op._lowered.get(cls)
+    if found is None:
+        problem = Problem(op.ir.stage(name), B, H, n_q, n_k, D, Dv, getattr(torch, dtype.split(".")[-1]),
+                          torch.device(device), padded, grad, packed)
+        found = op._lowered[cls] = choose(problem, op.backend).chosen.name
+    return found
+
+
+@torch.compiler.assume_constant_result
+def _chosen_dynamic(op_id: int, name: str, dtype: str, device: str, padded: bool, grad: bool, packed: int) -> str:
+    """The lowering for lengths torch.compile keeps symbolic: the choice at N = 4096 among the lowerings that
+    run at any length."""
+    from .plan.lowering import Problem
+    from .plan.select import choose
+    op = _LIVE[op_id]
+    problem = Problem(op.ir.stage(name), 1, 4, 4096, 4096, 64, 64, getattr(torch, dtype.split(".")[-1]),
+                      torch.device(device), padded, grad, packed)
+    return choose(problem, op.backend, any_length=True).chosen.name
 
 
 def _default_device() -> torch.device:
@@ -54,6 +91,8 @@ class AttentionOp:
         self._draws: dict[str, int] = {}
         self._choice: dict = {}
         self._resolved: dict = {}
+        self._lowered: dict = {}     # (stage, shape class, calibration, pins) -> the lowering it runs with
+        _LIVE[id(self)] = self
         try:  # resolve imports now, not while torch.compile traces a call; a device it cannot use errors there
             self._stage_backends(_default_device())
         except PatternError:
@@ -147,7 +186,9 @@ class AttentionOp:
         """The backend chosen for each stage on `device`."""
         device = torch.device(device)
         if device not in self._choice:
+            from .backends import declare_all
             from .plan.select import select_backends
+            declare_all()
             self._choice[device] = select_backends(self.ir, self.backend, device)
         return self._choice[device]
 
@@ -178,17 +219,30 @@ class AttentionOp:
         outs = tuple(values[o] for o in self.ir.outputs)
         return outs[0] if len(outs) == 1 else outs
 
+    def lowering(self, st: Stage, q, k, v, key_padding_mask=None, packed: int = 0):
+        """The lowering that runs stage `st` on these tensors: chosen once per shape class (lengths by
+        power-of-two bucket; see `plan.lowering.Problem.shape_class`), then looked up."""
+        from .plan.lowering import lowering
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3])
+        if torch.compiler.is_compiling():       # lengths may be symbolic: a choice valid at any length
+            return lowering(_chosen_dynamic(id(self), st.name, str(q.dtype), str(q.device),
+                                            key_padding_mask is not None, grad, packed))
+        return lowering(_chosen(id(self), st.name, *shape, str(q.dtype), str(q.device),
+                                key_padding_mask is not None, grad, packed))
+
     def _run(self, be, st: Stage, q, k, v, kpm, runtime, values, inputs):
         norm = st.normaliser
         if isinstance(norm, Softmax):
             scale = norm.scale if norm.scale is not None else q.shape[-1] ** -0.5
-            return be.softmax(st, q, k, v, scale=scale, key_padding_mask=kpm, runtime=runtime)
+            return self.lowering(st, q, k, v, kpm).run(st, q, k, v, scale=scale, key_padding_mask=kpm,
+                                                       runtime=runtime)
         if isinstance(norm, Linear):
             if q.shape[2] == 0 or k.shape[2] == 0:   # no query, or no key: rows with no key output zeros
                 tied = (q.sum() + k.sum() + v.sum()) * 0   # keeps the graph, so backward gives zero grads
                 return q.new_zeros(*q.shape[:3], v.shape[3]) + tied
             w = self.projection(st, q.shape[-1], q.device, q.dtype)
-            return be.linear(st, q, k, v, projection=w, key_padding_mask=kpm)
+            return self.lowering(st, q, k, v, kpm).run(st, q, k, v, projection=w, key_padding_mask=kpm)
         c = inputs[NESTED_KEYS]
         if not isinstance(c, torch.Tensor) or tuple(c.shape) != tuple(k.shape) or c.dtype != q.dtype:
             raise PatternError(f"c (pack keys) must be like k: {q.dtype} {_shape(k)}, got "
@@ -196,7 +250,7 @@ class AttentionOp:
         p = values[norm.packed]
         if st.heads is not None:
             p, c = p[:, st.heads[0]:st.heads[1]], c[:, st.heads[0]:st.heads[1]]
-        return be.nested(st, q, k, v, p=p, c=c, key_padding_mask=kpm)
+        return self.lowering(st, q, k, v, kpm, p.shape[2]).run(st, q, k, v, p=p, c=c, key_padding_mask=kpm)
 
     # ------------------------------------------------------------------------------------------ projections
     def _linear_stages(self) -> list[Stage]:
@@ -285,11 +339,13 @@ class AttentionOp:
         from .plan.layout import block_layout
         return block_layout(self._mask_stage(stage).mask, n_q, n_q if n_k is None else n_k, *block)
 
-    def explain(self, seq_len: int, head_dim: int = 64, device="cpu", dtype=torch.float32, **shape):
-        """The `Plan` for these shapes: schedule, kernel per stage and why, tiles, symbolic costs."""
+    def explain(self, seq_len: int, head_dim: int = 64, device="cpu", dtype=torch.float32, batch: int = 1,
+                heads: int | None = None, grad: bool = False):
+        """The `Plan` for these shapes: per stage every candidate lowering with its predicted time, the chosen
+        one and why, heads and mask, tiles, symbolic costs, and the N from which it beats dense attention."""
         from .plan.plan import make_plan
         return make_plan(self, seq_len=seq_len, head_dim=head_dim, device=torch.device(device), dtype=dtype,
-                         **shape)
+                         batch=batch, heads=heads, grad=grad)
 
     def emit(self, **constexprs) -> str:
         """The Triton source generated for this program: its mask functions (`mask_tile_*`, `tile_full_*`),

@@ -9,6 +9,9 @@ except Exception:  # pragma: no cover
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests never time anything: the planner uses its default cost constants (tests that check choices inject
+# their own), and subprocesses inherit this.
+os.environ.setdefault("PATTERNDSL_CALIBRATE", "0")
 
 import pytest  # noqa: E402
 

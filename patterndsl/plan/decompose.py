@@ -23,6 +23,7 @@ Band(lo=-128, hi=128, step=1)
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ class Decomposition:
         return tuple(sorted({b.step for b in self.bands}))
 
 
+@functools.lru_cache(maxsize=256)
 def decompose(mask: M.Mask) -> Decomposition | None:
     """The bands, global rows and global columns of `mask`, or None if it is not of that form."""
     parts = _parts(mask)

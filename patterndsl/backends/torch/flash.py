@@ -85,9 +85,10 @@ def flash_bwd(dout, q, k, v, out, lse, scale: float, mask: torch.Tensor | None =
 
 
 def merge(out_a, lse_a, out_b, lse_b):
-    """Two softmax pieces of the same rows merged by log-sum-exp: (out, lse); rows empty in both stay 0/-inf."""
+    """Two softmax pieces of the same rows merged by log-sum-exp: (out, lse); rows empty in both stay 0/-inf.
+    Overwrites `out_a` and `out_b` (pieces are temporaries)."""
     lse = torch.logaddexp(lse_a, lse_b)
     safe = lse.masked_fill(torch.isneginf(lse), 0.0)
     wa = torch.exp(lse_a - safe)[..., None].to(out_a.dtype)
     wb = torch.exp(lse_b - safe)[..., None].to(out_b.dtype)
-    return out_a * wa + out_b * wb, lse
+    return out_a.mul_(wa).add_(out_b.mul_(wb)), lse

@@ -175,7 +175,8 @@ def _empty(q, v):
 @torch.library.custom_op("patterndsl::torch_pieces", mutates_args=())
 def _pieces_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], ids: list[Tensor],
                key: str, scale: float) -> tuple[Tensor, Tensor]:
-    _, d, bm = spec(key)
+    _, mask, bm = spec(key)
+    d = decompose(mask)
     B, H, n_q = q.shape[:3]
     if _empty(q, v) or k.shape[2] == 0:
         return q.new_zeros(B, H, n_q, v.shape[3]), q.new_full((B, H, n_q), NEG_INF, dtype=lse_dtype(q.dtype))
@@ -194,7 +195,8 @@ def _(q, k, v, key_padding_mask, ids, key, scale):
 def _pieces_bwd_op(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                    lse: Tensor, key_padding_mask: Optional[Tensor], ids: list[Tensor], key: str,
                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    _, d, bm = spec(key)
+    _, mask, bm = spec(key)
+    d = decompose(mask)
     if _empty(q, v) or k.shape[2] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     work = _work(dout, q, k, v, out)
@@ -222,8 +224,7 @@ def pieces_attention(q: Tensor, k: Tensor, v: Tensor, mask: M.Mask, scale: float
     """(out `[B, H, N_q, D]`, lse `[B, H, N_q]`) of a mask of bands plus global rows/columns
     (`plan.decompose`; ValueError otherwise). q, k, v `[B, H, N, D]` with one head dim; `block` = query rows
     per window; differentiable in q, k, v."""
-    d = decompose(mask)
-    if d is None:
+    if decompose(mask) is None:
         raise ValueError(f"not a union of bands and global rows/columns: {M.to_source(mask)}")
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
-    return _pieces_op(q, k, v, key_padding_mask, [], register("torch_pieces", d, int(block)), scale)
+    return _pieces_op(q, k, v, key_padding_mask, [], register("torch_pieces", mask, int(block)), scale)
