@@ -17,6 +17,9 @@ from .errors import PatternError
 from .ir import mask as M
 from .ir.dense import dense_mask
 from .ir.program import INPUT, Linear, Nested, ProgramIR, Softmax, Stage
+from .plan.calibrate import generation
+from .plan.lowering import lowering as _lowering_named
+from .plan.select import pinned
 
 OP_OPTIONS = ("projection",)
 NESTED_KEYS = "c"
@@ -92,6 +95,9 @@ class AttentionOp:
         self._choice: dict = {}
         self._resolved: dict = {}
         self._lowered: dict = {}     # (stage, shape class, calibration, pins) -> the lowering it runs with
+        self._fast: dict = {}        # (stage, exact shapes, ..., calibration, pins) -> that lowering
+        self._runtime_names = tuple(dict.fromkeys(n for st in ir.stages for n in M.runtime_inputs(st.mask)))
+        self._inputs = self._input_names()
         _LIVE[id(self)] = self
         try:  # resolve imports now, not while torch.compile traces a call; a device it cannot use errors there
             self._stage_backends(_default_device())
@@ -105,6 +111,9 @@ class AttentionOp:
 
     def input_names(self) -> tuple[str, ...]:
         """Keyword inputs the op accepts besides q, k, v, key_padding_mask."""
+        return self._inputs
+
+    def _input_names(self) -> tuple[str, ...]:
         names = [n for n, _ in self.ir.params]
         for st in self.ir.stages:
             names += M.runtime_inputs(st.mask)
@@ -152,6 +161,8 @@ class AttentionOp:
         for name in allowed:
             if name not in inputs:
                 raise PatternError(f"pattern {self.name} needs the input '{name}'", hint=self._input_hint(name))
+        if not self._runtime_names:
+            return
         from .backends.custom import runtime_ids   # not at import time: it loads torch._dynamo (and triton)
         for st in self.ir.stages:
             for name in M.runtime_inputs(st.mask):
@@ -203,9 +214,9 @@ class AttentionOp:
 
     def __call__(self, q, k, v, key_padding_mask=None, **inputs):
         self._validate(q, k, v, key_padding_mask, inputs)
-        runtime = {n: inputs[n] for st in self.ir.stages for n in M.runtime_inputs(st.mask)}
+        runtime = {n: inputs[n] for n in self._runtime_names}
         values = {n: self._param(n, inputs[n], q) for n, _ in self.ir.params}
-        backends = self._stage_backends(q.device)
+        backends = self._resolved.get(q.device) or self._stage_backends(q.device)
         for st in self.ir.stages:
             qs = q if st.query == INPUT else values[st.query]
             ks, vs = (k, v) if st.keys == INPUT else (values[st.keys], values[st.keys])
@@ -222,14 +233,19 @@ class AttentionOp:
     def lowering(self, st: Stage, q, k, v, key_padding_mask=None, packed: int = 0):
         """The lowering that runs stage `st` on these tensors: chosen once per shape class (lengths by
         power-of-two bucket; see `plan.lowering.Problem.shape_class`), then looked up."""
-        from .plan.lowering import lowering
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3])
         if torch.compiler.is_compiling():       # lengths may be symbolic: a choice valid at any length
-            return lowering(_chosen_dynamic(id(self), st.name, str(q.dtype), str(q.device),
-                                            key_padding_mask is not None, grad, packed))
-        return lowering(_chosen(id(self), st.name, *shape, str(q.dtype), str(q.device),
-                                key_padding_mask is not None, grad, packed))
+            return _lowering_named(_chosen_dynamic(id(self), st.name, str(q.dtype), str(q.device),
+                                                   key_padding_mask is not None, grad, packed))
+        fast = (st.name, q.shape, k.shape[2], v.shape[3], q.dtype, q.device, key_padding_mask is not None, grad,
+                packed, generation(), pinned())
+        found = self._fast.get(fast)
+        if found is None:
+            shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3])
+            found = self._fast[fast] = _lowering_named(_chosen(id(self), st.name, *shape, str(q.dtype),
+                                                               str(q.device), key_padding_mask is not None, grad,
+                                                               packed))
+        return found
 
     def _run(self, be, st: Stage, q, k, v, kpm, runtime, values, inputs):
         norm = st.normaliser

@@ -106,12 +106,21 @@ def _blocks(x: torch.Tensor, nqb: int, bm: int, b0: int, b1: int) -> torch.Tenso
     return x.reshape(B * H, nqb, bm, *x.shape[3:])[:, b0:b1].transpose(0, 1)
 
 
-def _windows(kp: torch.Tensor, geo: Geometry, bm: int, b0: int, b1: int) -> torch.Tensor:
-    """Overlapping windows `[b1 - b0, B*H, c*bm, D]` of the padded, contiguous `[B, H, L, D]` keys."""
-    B, H, L, D = kp.shape
-    start = (b0 + geo.first + geo.pad) * bm
-    return kp.as_strided((b1 - b0, B * H, geo.width(bm), D), (bm * D, L * D, D, 1),
-                         kp.storage_offset() + start * D)
+def _windows(k: torch.Tensor, geo: Geometry, bm: int, b0: int, b1: int) -> torch.Tensor:
+    """Overlapping windows `[b1 - b0, B*H, c*bm, D]` over the keys of blocks b0..b1 (`k` contiguous `[B, H, N_k,
+    D]`): straight views of `k` where the windows lie inside it, else views of a padded copy of just the
+    keys they reach (zeros beyond the ends; the masks exclude them)."""
+    B, H, n_k, D = k.shape
+    first, end = (b0 + geo.first) * bm, (b1 - 1 + geo.first + geo.c) * bm       # key range, exclusive end
+    if first < 0 or end > n_k:
+        lo, hi = max(first, 0), min(end, n_k)
+        if lo < hi:
+            k = F.pad(k[:, :, lo:hi], (0, 0, lo - first, end - hi)).contiguous()
+        else:
+            k = k.new_zeros(B, H, end - first, D)
+        first = 0
+    L = k.shape[2]
+    return k.as_strided((b1 - b0, B * H, geo.width(bm), D), (bm * D, L * D, D, 1), k.storage_offset() + first * D)
 
 
 def _pad_rows(x: torch.Tensor, rows: int, value: float = 0.0) -> torch.Tensor:
@@ -122,11 +131,6 @@ def _pad_rows(x: torch.Tensor, rows: int, value: float = 0.0) -> torch.Tensor:
     return F.pad(x, pad, value=value).contiguous()
 
 
-def _pad_keys(x: torch.Tensor, geo: Geometry, bm: int) -> torch.Tensor:
-    before = geo.pad * bm
-    return F.pad(x, (0, 0, before, geo.kblocks * bm - before - x.shape[2])).contiguous()
-
-
 # ---------------------------------------------------------------------------------------------- windows
 def window_fwd(q, k, v, scale: float, win: Window, kvalid=None):
     """(out `[B, H, N_q, D]`, lse `[B, H, N_q]`) of the band piece `win`."""
@@ -135,13 +139,14 @@ def window_fwd(q, k, v, scale: float, win: Window, kvalid=None):
     geo = geometry(win, n_q, n_k)
     bm = win.bm
     qp = _pad_rows(q, geo.nqb * bm)
-    kp, vp = _pad_keys(k, geo, bm), _pad_keys(v, geo, bm)
+    kp, vp = k.contiguous(), v.contiguous()
     out = q.new_empty(B, H, geo.nqb * bm, v.shape[3])
     lse = q.new_empty(B, H, geo.nqb * bm, dtype=lse_dtype(q.dtype))
     for b, (qb, kb, vb, ob, lb, ok) in enumerate(_calls(geo, bm, n_k, kvalid, qp, kp, vp, out, lse)):
         for b0, b1, mask in _masks(win, geo, ok, q.dtype, q.device, per_block=kvalid is not None):
+            inside = mask.dim() == 2                     # the shared band mask: every row has a key
             o, l = flash_fwd(_blocks(qb, geo.nqb, bm, b0, b1), _windows(kb, geo, bm, b0, b1),
-                             _windows(vb, geo, bm, b0, b1), scale, mask)
+                             _windows(vb, geo, bm, b0, b1), scale, mask, rows_have_keys=inside)
             _blocks(ob, geo.nqb, bm, b0, b1).copy_(o)
             _blocks(lb, geo.nqb, bm, b0, b1).copy_(l)
     return out[:, :, :n_q], lse[:, :, :n_q]
@@ -176,9 +181,10 @@ def window_bwd(dout, q, k, v, out, lse, scale: float, win: Window, kvalid=None):
     bm, rows = win.bm, geo.nqb * win.bm
     qp, dop, op = (_pad_rows(x, rows) for x in (q, dout, out))
     lp = _pad_rows(lse, rows, POS_INF)                  # padded rows: no gradient
-    kp, vp = _pad_keys(k, geo, bm), _pad_keys(v, geo, bm)
+    kp, vp = k.contiguous(), v.contiguous()
     dq = torch.empty_like(qp)
-    dk, dv = torch.zeros_like(kp), torch.zeros_like(vp)
+    dk = k.new_zeros(B, H, geo.kblocks * bm, D)         # in padded key coordinates (key j at pad*bm + j)
+    dv = v.new_zeros(B, H, geo.kblocks * bm, v.shape[3])
     for qb, kb, vb, dob, ob, lb, dqb, dkb, dvb, ok in _calls(geo, bm, n_k, kvalid, qp, kp, vp, dop, op, lp,
                                                               dq, dk, dv):
         for b0, b1, mask in _masks(win, geo, ok, q.dtype, q.device, per_block=kvalid is not None):

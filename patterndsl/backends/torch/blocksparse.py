@@ -48,12 +48,20 @@ def _allowed(chunk, sched: Schedule, kvalid) -> torch.Tensor | None:
     return ok
 
 
+def _pick(x: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+    """Tiles of `[B, H, n, block, ...]` (contiguous) at `tiles` (any shape) -> `[B, H, *tiles.shape, block, ...]`,
+    by `index_select` over whole tiles (a row copy each, far faster than elementwise advanced indexing)."""
+    B, H, n = x.shape[:3]
+    out = x.reshape(B * H, n, -1).index_select(1, tiles.reshape(-1))
+    return out.view(B, H, *tiles.shape, *x.shape[3:])
+
+
 def _gather(qt, kt, vt, chunk):
     B, H = kt.shape[:2]
     C, T = chunk.k_tiles.shape
-    kc = kt[:, :, chunk.k_tiles].view(B, H, C, T * kt.shape[3], kt.shape[4])
-    vc = vt[:, :, chunk.k_tiles].view(B, H, C, T * vt.shape[3], vt.shape[4])
-    return qt[:, :, chunk.q_tiles], kc, vc
+    kc = _pick(kt, chunk.k_tiles).view(B, H, C, T * kt.shape[3], kt.shape[4])
+    vc = _pick(vt, chunk.k_tiles).view(B, H, C, T * vt.shape[3], vt.shape[4])
+    return _pick(qt, chunk.q_tiles), kc, vc
 
 
 def _rows_first(x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +154,7 @@ def _flash_bwd(dout, q, k, v, out, lse, sched: Schedule, scale: float, key_paddi
     for chunk in sched.chunks:
         C, T = chunk.k_tiles.shape
         qc, kc, vc = _gather(qt, kt, vt, chunk)
-        rows = (dot[:, :, chunk.q_tiles], ot[:, :, chunk.q_tiles], lse_t[:, :, chunk.q_tiles])
+        rows = (_pick(dot, chunk.q_tiles), _pick(ot, chunk.q_tiles), _pick(lse_t, chunk.q_tiles))
         allowed = _allowed(chunk, sched, kvalid)
         if not _by_batch_row(allowed):
             mask = None if allowed is None else additive(allowed[0][:, None], q.dtype)

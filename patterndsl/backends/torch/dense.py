@@ -44,7 +44,7 @@ def every_row_has_a_key(mask: M.Mask, n_q: int, n_k: int) -> bool:
 
 def _mask_for(mask, q, k, key_padding_mask, runtime):
     n_q, n_k = q.shape[2], k.shape[2]
-    if M.runtime_inputs(mask):
+    if runtime:                                   # ids of same(...): only masks that read them get any
         ok = dense_mask(mask, n_q, n_k, runtime, device=q.device)             # [B, n_q, n_k]
         ok = ok[:, None] if ok.dim() == 3 else ok
         if key_padding_mask is not None:

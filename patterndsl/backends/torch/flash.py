@@ -49,17 +49,19 @@ def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, NEG_INF)
 
 
-def flash_fwd(q, k, v, scale: float, mask: torch.Tensor | None = None, causal: bool = False):
+def flash_fwd(q, k, v, scale: float, mask: torch.Tensor | None = None, causal: bool = False,
+              rows_have_keys: bool = False):
     """(out `[B, H, Lq, D]`, lse `[B, H, Lq]`) of q `[B, H, Lq, D]`, k, v `[B, H(_kv), Lk, D]` (any strides).
 
     `mask`: additive float, broadcastable to `[B, H, Lq, Lk]`; `causal`: key j <= row r (top-left).
-    Rows with no allowed key give out 0 and lse -inf.
+    Rows with no allowed key give out 0 and lse -inf (`rows_have_keys` skips that check when the caller
+    knows every row has a key).
     """
     B, H, Lq, D = q.shape
     if Lq == 0 or H == 0 or k.shape[2] == 0 or B == 0:
         return q.new_zeros(B, H, Lq, v.shape[3]), q.new_full((B, H, Lq), NEG_INF, dtype=lse_dtype(q.dtype))
     out, lse = _FWD(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
-    if mask is not None:
+    if mask is not None and not rows_have_keys:
         _empty_rows_to_neg_inf(lse, mask)
     return out, lse
 
