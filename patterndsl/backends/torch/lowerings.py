@@ -7,7 +7,8 @@ causal and residue-permuted bands and global rows/columns, merged by log-sum-exp
 `is_causal`), `torch.flex` (compiled FlexAttention, BlockMask from the layout; forward only on the CPU).
 Linear stages: `torch.favor` (fused bidirectional FAVOR+), `torch.causal-linear` (chunked scan with a
 hand-written backward), `torch.linear-quadratic` (the masked dense form: one chunk, small N),
-`torch.linear-scan` (autograd through the chunked scan). Nested stages: `torch.luna-cumsum`.
+`torch.linear-scan` (autograd through the chunked scan). Nested stages: `torch.luna-chunked` (masked matmuls
+per chunk, carried states), `torch.luna-cumsum` (the reference's cumulative sums).
 """
 from __future__ import annotations
 
@@ -213,14 +214,29 @@ def _quadratic_applies(p: Problem) -> str | None:
 
 
 def _luna_work(p: Problem) -> Work:
-    n, D, l = p.n_q, p.head_dim, max(p.packed, 1)
-    counts = {"elem": p.bh * n * D * l * 6, "gemm": p.bh * n * D * l * 6, "call": 20}
+    n, D, l = p.n_q, p.head_dim, max(p.packed, 1)        # outer products and prefix sums over [N, D, l] and
+    counts = {"elem": p.bh * n * (D + p.head_dim_v) * l * 6, "call": 20 + 2 * p.bh * n / 64}   # N tiny matmuls
     return Work.of({k: v * (3 if p.grad and k != "call" else 1) for k, v in counts.items()})
 
 
 def _run_luna(stage, q, k, v, *, p, c, key_padding_mask=None):
     from ..reference.nested import nested_causal_attention
     return nested_causal_attention(q, k, v, p, c, key_padding_mask=key_padding_mask)
+
+
+LUNA_CHUNK = 64
+
+
+def _luna_chunked_work(p: Problem) -> Work:
+    n, D, l, c = p.n_q, p.head_dim, max(p.packed, 1), LUNA_CHUNK
+    flops = 2 * n * (c * (D + 2 * l + p.head_dim_v) + 2 * l * (D + p.head_dim_v))
+    counts = {"gemm": p.bh * flops, "elem": p.bh * n * (3 * c + 6 * l), "call": 25}
+    return Work.of({k: v * (3 if p.grad else 1) for k, v in counts.items()})
+
+
+def _run_luna_chunked(stage, q, k, v, *, p, c, key_padding_mask=None):
+    from .luna_chunked import luna_chunked_attention
+    return luna_chunked_attention(q, k, v, p, c, key_padding_mask, chunk=LUNA_CHUNK)
 
 
 # ------------------------------------------------------------------------------------------ declarations
@@ -250,6 +266,9 @@ def declare_all() -> None:
     declare(Lowering("torch.linear-scan", "torch", ("linear",),
                      "linear attention by the reference's chunked prefix sums (or two products), autograd backward",
                      lambda p: None, _linear_work(lambda p: 256 if p.stage.causal else None, 4.0, 40), _run_scan))
+    declare(Lowering("torch.luna-chunked", "torch", ("nested",),
+                     f"causal Luna in {LUNA_CHUNK}-row chunks: masked matmuls inside, carried [D, l] and [l, D] states",
+                     lambda p: None, _luna_chunked_work, _run_luna_chunked))
     declare(Lowering("torch.luna-cumsum", "torch", ("nested",), "causal Luna by cumulative sums (O(N l d))",
                      lambda p: None, _luna_work, _run_luna))
 
