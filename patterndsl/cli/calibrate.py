@@ -28,18 +28,18 @@ def add_parser(subparsers):
 def run(args) -> int:
     import torch
     from ..backends import declare_all
-    from ..plan.calibrate import cache_path, calibrate, constants
+    from ..plan import calibrate as C
     device = options.device(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     declare_all()
     if args.show:
-        consts = constants(device)
+        consts = C.constants(device)
     else:
-        consts = calibrate(device)
-        if consts.source.endswith("defaults"):
+        if not C.probes(device.type):
             raise PatternError(f"no calibration probes for {device.type}: the planner uses its defaults")
-    print(f"{consts.source}\ncache: {cache_path(device)}")
+        consts = C.calibrate(device)
+    print(f"{consts.source}\ncache: {C.cache_path(device)}")
     for term, value in consts.values:
         print(f"  {term:<16} {value:.3g}")
     return 0

@@ -101,7 +101,8 @@ def _minus(p: M.Band, a: M.Band) -> list | None:
     inf = float("inf")
     lo, hi = max(_lo(p), _lo(a)), min(_hi(p), _hi(a))
     step = p.step * a.step // math.gcd(p.step, a.step)
-    if lo > hi or math.floor(hi / step) * step < lo:         # no common offset
+    bounded = -inf < lo and hi < inf
+    if lo > hi or (bounded and math.floor(hi / step) * step < lo):     # no common offset
         return [p]
     if p.step % a.step:
         return None

@@ -90,11 +90,13 @@ def blocksparse_fwd(q, k, v, sched: Schedule, scale: float, key_padding_mask=Non
     """(out `[B, H, N_q, D_v]`, lse `[B, H, N_q]`) of q `[B, H, N_q, D]`, k, v `[B, H, N_k, D(_v)]`."""
     g = sched.grid
     B, H, _, Dv = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
+    lse_type = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if not (B and H and g.n_q and g.n_k):                   # nothing to attend: zeros, lse -inf
+        return q.new_zeros(B, H, g.n_q, Dv), q.new_full((B, H, g.n_q), NEG_INF, dtype=lse_type)
     fused = runs(q, k, v)
     qt = _tiles(q if fused else q * scale, g.nqb, g.bm)
     kt, vt = _tiles(k, g.nkb + 1, g.bn), _tiles(v, g.nkb + 1, g.bn)
     kvalid = _key_valid(key_padding_mask, sched)
-    lse_type = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = q.new_zeros(B, H, g.nqb, g.bm, Dv)
     lse = q.new_full((B, H, g.nqb, g.bm), NEG_INF, dtype=lse_type)
     part_o = q.new_zeros(B, H, sched.slots + 1, g.bm, Dv)
@@ -136,6 +138,8 @@ def _bmm_chunk_fwd(qc, kc, vc, allowed):
 # --------------------------------------------------------------------------------------------- backward
 def blocksparse_bwd(dout, q, k, v, out, lse, sched: Schedule, scale: float, key_padding_mask=None, dlse=None):
     """(dq, dk, dv) from the saved output and log-sum-exp (probabilities recomputed chunk by chunk)."""
+    if not (q.shape[0] and q.shape[1] and q.shape[2] and k.shape[2]):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if dlse is not None and not bool(dlse.any()):
         dlse = None
     if runs(q, k, v) and dlse is None:
