@@ -101,7 +101,9 @@ def test_random_masks_every_lowering_fp64(mf, n_q, n_k, pad, seed):
     (M.band(3, None) | M.rows({2, 30}), 41),                      # a shifted causal half-plane, empty rows
     (M.band(5, 9), 33),                                           # rows 0..4 see nothing: zeros
     (M.window(9, -3) | M.cols({0}), 40),                          # a window that excludes the diagonal
-], ids=["causal-window-strided", "dilated-globals", "shifted-causal-rows", "empty-rows", "offset-window"])
+    (M.window(60, 0) | M.cols({3}), 50),                          # wider than N: runs as causal
+], ids=["causal-window-strided", "dilated-globals", "shifted-causal-rows", "empty-rows", "offset-window",
+        "window-wider-than-n"])
 def test_pieces_shapes_fp64(mask, n):
     for name in ("torch.pieces/bm256", "torch.pieces/bm64"):
         q, k, v, do = _data(2, 3, n, n, 8, seed=n)

@@ -129,6 +129,16 @@ def in_classes(band: M.Band) -> M.Band | M.Full:
     return M.band(lo, hi, 1)
 
 
+def effective(band, n_q: int, n_k: int):
+    """A step-1 band with the bounds that cannot bind at `n_q x n_k` dropped: `hi >= n_q - 1` makes a window
+    the causal half-plane `j <= i - lo` (cheaper: whole key blocks beyond the diagonal are skipped)."""
+    if not isinstance(band, M.Band):
+        return band
+    hi = None if band.hi is not None and band.hi >= n_q - 1 else band.hi
+    lo = None if band.lo is not None and band.lo <= -(n_k - 1) and hi is None else band.lo
+    return M.band(lo, hi, 1)
+
+
 def shape_of(band: M.Band) -> str:
     """'window' (finite), 'causal' (`j <= i - lo`) or 'full' (every pair of a residue class)."""
     b = in_classes(band)

@@ -45,37 +45,36 @@ def _decay(rc: Tensor) -> Tensor:
 
 
 def _scan_fwd(qf, kf, r, v, w, e: float, chunk: int):
+    """(out, y, chunk states, decays). The eps part of y, `e qsum_t sum_{j<=t} w_j V'_j`, is one prefix sum
+    over the whole sequence; the loop carries only the decaying part."""
     B, H, N, m = qf.shape
     vp = _ones_col(v)
-    wv = vp * w[:, None, :, None]
-    qsum = qf.sum(-1)
     S = v.new_zeros(B, H, m, vp.shape[-1])
-    SV = v.new_zeros(B, H, vp.shape[-1])
     starts = range(0, N, chunk)
     states = v.new_empty(B, H, len(starts), m, vp.shape[-1])
-    y = torch.empty_like(vp)
+    decays = v.new_empty(B, H, len(starts), chunk, chunk)
+    y = e * qf.sum(-1, keepdim=True) * torch.cumsum(vp * w[:, None, :, None], dim=2)
     r_ref = r[..., :1]
     for ci, s in enumerate(starts):
         t = slice(s, min(s + chunk, N))
-        qc, kc, vc, rc, wc = qf[:, :, t], kf[:, :, t], vp[:, :, t], r[:, :, t], w[:, None, None, t]
+        qc, kc, vc, rc = qf[:, :, t], kf[:, :, t], vp[:, :, t], r[:, :, t]
+        n = qc.shape[2]
         states[:, :, ci] = S
-        decay = _decay(rc)
+        decay = decays[:, :, ci, :n, :n]
+        decay.copy_(_decay(rc))
         g = torch.matmul(qc, kc.transpose(-1, -2)).mul_(decay)
-        g += (e * qsum[:, :, t, None]) * (wc * (decay > 0))
-        y[:, :, t] = (torch.matmul(g, vc) + torch.exp(r_ref - rc)[..., None] * torch.matmul(qc, S)
-                      + e * qsum[:, :, t, None] * SV[:, :, None, :])
+        y[:, :, t] += torch.matmul(g, vc).add_(torch.exp(r_ref - rc)[..., None] * torch.matmul(qc, S))
         r_new = rc[..., -1:]
         S = torch.exp(r_ref - r_new)[..., None] * S + torch.matmul(
             (kc * torch.exp(rc - r_new)[..., None]).transpose(-1, -2), vc)
-        SV = SV + wv[:, :, t].sum(-2)
         r_ref = r_new
     den = y[..., -1]
     empty = den == 0
     out = y[..., :-1] / torch.where(empty, 1, den)[..., None]
-    return out.masked_fill_(empty[..., None], 0.0), y, states
+    return out.masked_fill_(empty[..., None], 0.0), y, states, decays
 
 
-def _scan_bwd(dout, qf, kf, r, v, w, e: float, chunk: int, out, y, states):
+def _scan_bwd(dout, qf, kf, r, v, w, e: float, chunk: int, out, y, states, decays):
     B, H, N, m = qf.shape
     vp = _ones_col(v)
     den = y[..., -1]
@@ -93,17 +92,18 @@ def _scan_bwd(dout, qf, kf, r, v, w, e: float, chunk: int, out, y, states):
         s = ci * chunk
         t = slice(s, min(s + chunk, N))
         qc, kc, vc, rc, gc = qf[:, :, t], kf[:, :, t], vp[:, :, t], r[:, :, t], g[:, :, t]
+        n = qc.shape[2]
         r_ref = r[..., s - 1:s] if s > 0 else rc[..., :1]
         r_last = rc[..., -1:]
-        decay = _decay(rc)
+        decay = decays[:, :, ci, :n, :n]
         gexp = torch.matmul(qc, kc.transpose(-1, -2)).mul_(decay)                      # [t, j]
         dgd = torch.matmul(gc, vc.transpose(-1, -2)).mul_(decay)
-        dqf[:, :, t] += torch.matmul(dgd, kc) + torch.exp(r_ref - rc)[..., None] * torch.matmul(
-            gc, states[:, :, ci].transpose(-1, -2))
+        dqf[:, :, t] += torch.matmul(dgd, kc).add_(torch.exp(r_ref - rc)[..., None] * torch.matmul(
+            gc, states[:, :, ci].transpose(-1, -2)))
         back = torch.exp(rc - r_last)[..., None]
-        dk = torch.matmul(dgd.transpose(-1, -2), qc) + back * torch.matmul(vc, P.transpose(-1, -2))
+        dk = torch.matmul(dgd.transpose(-1, -2), qc).add_(back * torch.matmul(vc, P.transpose(-1, -2)))
         dkf[:, :, t] = dk
-        dvp[:, :, t] += torch.matmul(gexp.transpose(-1, -2), gc) + torch.matmul(kc * back, P)
+        dvp[:, :, t] += torch.matmul(gexp.transpose(-1, -2), gc).add_(torch.matmul(kc * back, P))
         P = torch.exp(r_ref - r_last)[..., None] * P + torch.matmul(
             (qc * torch.exp(r_ref - rc)[..., None]).transpose(-1, -2), gc)
         dr[:, :, t] += (kc * dk).sum(-1)
@@ -113,8 +113,8 @@ def _scan_bwd(dout, qf, kf, r, v, w, e: float, chunk: int, out, y, states):
 # ------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("patterndsl::torch_causal_linear", mutates_args=())
 def _core_op(qf: Tensor, kf: Tensor, r: Tensor, v: Tensor, w: Tensor, e: float,
-             chunk: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, y, chunk states) of the core (see the module docstring)."""
+             chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, y, chunk states, chunk decays) of the core (see the module docstring)."""
     return _scan_fwd(qf, kf, r, v, w, e, chunk)
 
 
@@ -122,30 +122,31 @@ def _core_op(qf: Tensor, kf: Tensor, r: Tensor, v: Tensor, w: Tensor, e: float,
 def _(qf, kf, r, v, w, e, chunk):
     B, H, N, m = qf.shape
     nc = -(-N // chunk)
-    return (v.new_empty(v.shape), v.new_empty(B, H, N, v.shape[3] + 1), v.new_empty(B, H, nc, m, v.shape[3] + 1))
+    return (v.new_empty(v.shape), v.new_empty(B, H, N, v.shape[3] + 1), v.new_empty(B, H, nc, m, v.shape[3] + 1),
+            v.new_empty(B, H, nc, chunk, chunk))
 
 
 @torch.library.custom_op("patterndsl::torch_causal_linear_bwd", mutates_args=())
 def _core_bwd_op(dout: Tensor, qf: Tensor, kf: Tensor, r: Tensor, v: Tensor, w: Tensor, e: float, chunk: int,
-                 out: Tensor, y: Tensor, states: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _scan_bwd(dout.contiguous(), qf, kf, r, v, w, e, chunk, out, y, states)
+                 out: Tensor, y: Tensor, states: Tensor, decays: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _scan_bwd(dout.contiguous(), qf, kf, r, v, w, e, chunk, out, y, states, decays)
 
 
 @_core_bwd_op.register_fake
-def _(dout, qf, kf, r, v, w, e, chunk, out, y, states):
+def _(dout, qf, kf, r, v, w, e, chunk, out, y, states, decays):
     return qf.new_empty(qf.shape), kf.new_empty(kf.shape), r.new_empty(r.shape), v.new_empty(v.shape)
 
 
 def _setup(ctx, inputs, output):
     qf, kf, r, v, w, e, chunk = inputs
-    out, y, states = output
-    ctx.save_for_backward(qf, kf, r, v, w, out, y, states)
+    out, y, states, decays = output
+    ctx.save_for_backward(qf, kf, r, v, w, out, y, states, decays)
     ctx.e, ctx.chunk = e, chunk
 
 
 def _backward(ctx, dout, *_):
-    qf, kf, r, v, w, out, y, states = ctx.saved_tensors
-    dqf, dkf, dr, dv = _core_bwd_op(dout, qf, kf, r, v, w, ctx.e, ctx.chunk, out, y, states)
+    qf, kf, r, v, w, out, y, states, decays = ctx.saved_tensors
+    dqf, dkf, dr, dv = _core_bwd_op(dout, qf, kf, r, v, w, ctx.e, ctx.chunk, out, y, states, decays)
     return dqf, dkf, dr, dv, None, None, None
 
 

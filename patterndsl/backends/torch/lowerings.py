@@ -243,7 +243,7 @@ def _run_luna_chunked(stage, q, k, v, *, p, c, key_padding_mask=None):
 def declare_all() -> None:
     for bm in (256, 64):
         declare(_pieces(bm, only_windows=bm != 256))
-    for bm, bn in ((256, 64), (64, 64), (128, 32)):
+    for bm, bn in ((256, 64), (64, 64)):
         declare(_blocksparse(bm, bn))
     declare(Lowering("torch.dense", "torch", ("softmax",),
                      "SDPA over the whole score matrix with the mask materialised once per shape (cached)",

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...ir import mask as M
-from ...plan.decompose import Decomposition, decompose, in_classes
+from ...plan.decompose import Decomposition, decompose, effective, in_classes
 from ...plan.points import mask_at
 from ..custom import register, register_softmax_autograd, spec
 from .band import (POS_INF, Window, causal_bwd, causal_fwd, full_bwd, full_fwd, window_bwd, window_fwd)
@@ -63,7 +63,8 @@ def _valid_classes(kvalid: Tensor | None, B: int, n_k: int, s: int, device) -> T
 
 # ---------------------------------------------------------------------------------------------- bands
 def _shape_run(band: M.Band, bm: int, bwd: bool, args, kvalid):
-    cb = in_classes(band)
+    q, k = args[1:3] if bwd else args[:2]
+    cb = effective(in_classes(band), q.shape[2], k.shape[2])
     scale = args[-1]
     if isinstance(cb, M.Full):
         return (full_bwd if bwd else full_fwd)(*args, kvalid=kvalid)

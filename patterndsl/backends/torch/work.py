@@ -19,7 +19,7 @@ import math
 import torch
 
 from ...ir import mask as M
-from ...plan.decompose import decompose, in_classes
+from ...plan.decompose import decompose, effective, in_classes
 from ...plan.layout import PARTIAL, tile_layout
 from ...plan.lowering import Problem, Work
 from .band import Window, geometry
@@ -70,7 +70,7 @@ def pieces_work(p: Problem, bm: int) -> Work:
     for band in d.bands:
         s = band.step
         nq, nk, bh = -(-p.n_q // s), -(-p.n_k // s), p.bh * s
-        cb = in_classes(band)
+        cb = effective(in_classes(band), nq, nk)
         ragged = p.padded or nq * s != p.n_q or nk * s != p.n_k
         if s > 1:      # permuting q, k, v, out (and dout, the grads) in and out of residue classes
             _add(counts, "byte", bh * (2 * nq + 2 * nk) * D * e * (2.5 if g else 1))
@@ -99,10 +99,22 @@ def pieces_work(p: Problem, bm: int) -> Work:
 
 
 # --------------------------------------------------------------------------------------- block-sparse
+EXACT_UP_TO = 1 << 14      # tile statistics beyond this length are extrapolated from two smaller layouts
+
+
 @functools.lru_cache(maxsize=64)
-def tile_stats(mask: M.Mask, n_q: int, n_k: int, bm: int, bn: int) -> tuple[int, int, int, int]:
+def tile_stats(mask: M.Mask, n_q: int, n_k: int, bm: int, bn: int) -> tuple:
     """(nonempty tiles, partial tiles, tiles in rows with a partial tile, rows) of the closed-form layout
-    (a ragged last key tile counts as partial)."""
+    (a ragged last key tile counts as partial). Above `EXACT_UP_TO` tokens (square problems) the counts are
+    fitted as `c + a N + b N^2` through the layouts at EXACT_UP_TO / 4, / 2 and EXACT_UP_TO, which is exact
+    for bands, index sets and blocks, and keeps a plan at a million tokens to milliseconds."""
+    if n_q == n_k and n_q > EXACT_UP_TO:
+        ns = (EXACT_UP_TO // 4, EXACT_UP_TO // 2, EXACT_UP_TO)
+        stats = [tile_stats(mask, n, n, bm, bn)[:3] for n in ns]
+        basis = torch.tensor([[1.0, n, n * n] for n in ns], dtype=torch.float64)
+        coef = torch.linalg.solve(basis, torch.tensor(stats, dtype=torch.float64))      # [3 terms, 3 stats]
+        est = torch.tensor([1.0, n_q, n_q * n_q], dtype=torch.float64) @ coef
+        return (*(max(0, round(float(x))) for x in est), -(-n_q // bm))
     lay = tile_layout(mask, n_q, n_k, bm, bn)
     length = lay.row_ptr.diff()
     partial = lay.cls == PARTIAL
