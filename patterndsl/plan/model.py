@@ -40,15 +40,15 @@ DTYPE_FACTOR = {torch.float64: 2.0}
 _PER_CALL = ("call", "byte")
 
 DEFAULTS = {
-    "cpu": {
-        "call": 2.5e-5, "byte": 1.6e-10,
-        "flash.32": 3.6e-10, "flash.64": 2.3e-10, "flash.256": 2.1e-10, "flash.mask": 2.5e-11,
-        "flash.bwd.32": 9.0e-10, "flash.bwd.64": 6.0e-10, "flash.bwd.256": 5.5e-10, "flash.bwd.mask": 2.5e-11,
-        "bmm": 7.0e-10, "bmm.bwd": 1.8e-9,
-        "flex": 3.1e-10, "flex.mask": 4.0e-11, "flex.compile": 15.0,
-        "gemm": 1.2e-11, "elem": 1.0e-9,
-        "ref": 2.0e-9, "ref.bwd": 5.0e-9,
-        "triton": 1e-8, "triton.bwd": 3e-8, "sdpa.cuda": 1e-8,
+    "cpu": {      # measured on the 2-core development machine (2026-11-30), fp32, 2 threads
+        "call": 2.5e-5, "byte": 1.2e-10,
+        "flash.32": 3.5e-9, "flash.64": 2.0e-9, "flash.256": 1.9e-9, "flash.mask": 3.0e-10,
+        "flash.bwd.32": 1.3e-8, "flash.bwd.64": 7.0e-9, "flash.bwd.256": 7.0e-9, "flash.bwd.mask": 1.0e-9,
+        "bmm": 1.2e-8, "bmm.bwd": 2.5e-8,
+        "flex": 5.0e-9, "flex.mask": 6.0e-9, "flex.compile": 15.0,
+        "gemm": 5.0e-12, "elem": 1.0e-9,
+        "ref": 1.6e-8, "ref.bwd": 3.0e-8,
+        "triton": 1e-7, "triton.bwd": 3e-7, "sdpa.cuda": 1e-7,
     },
     "cuda": {
         "call": 1.5e-5, "byte": 1.0e-12,

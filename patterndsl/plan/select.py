@@ -27,6 +27,7 @@ from .model import Constants, Prediction, fmt_seconds, predict
 
 _PINNED: list[tuple[str, ...]] = [()]          # a plain list, not a contextvar: torch.compile traces reads
 PREFERENCE = {"cuda": ("triton", "torch", "reference"), "cpu": ("torch", "triton", "reference")}
+TIE = 1.10     # predictions this close are within the model's error: take the one with fewer kernel calls
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,10 @@ def choose(problem: Problem, requested: str = "auto", consts: Constants | None =
         raise PatternError(f"no lowering can run stage {problem.stage.name} {where}",
                            hint="; ".join(f"{c.lowering.name}: {c.why_not}" for c in cands) or "none declared")
     ranked = sorted(normal, key=lambda c: c.prediction.score)
-    best = ranked[0]
+    ties = [c for c in ranked if c.prediction.score <= TIE * ranked[0].prediction.score]
+    best = min(ties, key=lambda c: (c.work.term("call"), c.prediction.score))
+    ranked.remove(best)
+    ranked.insert(0, best)
     return Choice(problem, best.lowering, _why(best, ranked, viable, requested), tuple(cands), consts)
 
 
@@ -125,6 +129,9 @@ def _why(best: Candidate, ranked: list, viable: list, requested: str) -> str:
         return f"{pick}: {own}, the only one that applies" + (" besides the reference" if len(viable) > 1 else "")
     nxt = ranked[1]
     ratio = nxt.prediction.score / max(best.prediction.score, 1e-12)
+    if ratio < 1:
+        return (f"{pick}: {own}, within {TIE:.2f}x of {nxt.lowering.name} ({fmt_seconds(nxt.prediction.seconds)}): "
+                f"the model's error, so the one with fewer kernel calls")
     return f"{pick}: {own}, {ratio:.2f}x below the next ({nxt.lowering.name})"
 
 
