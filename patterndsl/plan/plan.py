@@ -152,7 +152,7 @@ def _plan(ir: ProgramIR, seq_len, head_dim, device, dtype, requested, batch, hea
 
 
 def _stage_plan(st: Stage, problem: Problem, choice: Choice, consts, seq_len, head_dim, elt, symbolic):
-    c = stage_costs(st, head_dim, elt, *symbolic)
+    c = stage_costs(st, head_dim, elt, *symbolic, length=problem.packed or 16)
     n_q, n_k = problem.n_q, problem.n_k
     flops = c["flops"]
     block, tiles = None, None

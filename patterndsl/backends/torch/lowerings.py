@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ...ir import mask as M
-from ...ir.program import Elu1, Favor
+from ...ir.program import Favor
 from ...plan.calibrate import Probe, declare_probe
 from ...plan.decompose import decompose, in_classes
 from ...plan.lowering import Lowering, Problem, Work, declare
