@@ -35,16 +35,14 @@ def _chosen(op_id: int, name: str, B: int, H: int, n_q: int, n_k: int, D: int, D
     """The name of the lowering for (stage, shapes, dtype, device, padding, grad, packed length), cached per
     shape class (lengths by power-of-two bucket), calibration and pins. Plain arguments: torch.compile folds
     the call to a constant."""
-    from .plan.calibrate import generation
-    from .plan.lowering import Problem, bucket
-    from .plan.select import choose, pinned
+    from .plan.lowering import Problem
+    from .plan.select import choose
     op = _LIVE[op_id]
-    cls = (name, B, H, bucket(n_q), bucket(n_k), n_q % 128 == 0, n_k % 128 == 0, D, Dv, dtype, device, padded,
-           grad, packed, generation(), pinned())
+    problem = Problem(op.ir.stage(name), B, H, n_q, n_k, D, Dv, getattr(torch, dtype.split(".")[-1]),
+                      torch.device(device), padded, grad, packed)
+    cls = (name, problem.shape_class(), generation(), pinned())
     found = op._lowered.get(cls)
     if found is None:
-        problem = Problem(op.ir.stage(name), B, H, n_q, n_k, D, Dv, getattr(torch, dtype.split(".")[-1]),
-                          torch.device(device), padded, grad, packed)
         found = op._lowered[cls] = choose(problem, op.backend).chosen.name
     return found
 

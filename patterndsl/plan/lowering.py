@@ -10,8 +10,8 @@ package is loaded (`patterndsl.backends.declare_all`); this module never imports
 >>> from patterndsl.ir.mask import sliding
 >>> from patterndsl.ir.program import Softmax, Stage
 >>> p = Problem(Stage("out", Softmax(), sliding(4)), 1, 4, 1000, 1000, 64, 64)
->>> p.kind, p.shape_class()[2:4]
-('softmax', (10, 10))
+>>> p.kind, p.shape_class()[2:6]
+('softmax', (10, 10, False, False))
 >>> Work.of({"flash.256": 2e6, "call": 3}).counts
 (('call', 3.0), ('flash.256', 2000000.0))
 """
@@ -67,9 +67,11 @@ class Problem:
         return torch.finfo(self.dtype).bits // 8
 
     def shape_class(self) -> tuple:
-        """Problems of one class share a plan: lengths by power-of-two bucket, everything else exact."""
-        return (self.batch, self.heads, bucket(self.n_q), bucket(self.n_k), self.head_dim, self.head_dim_v,
-                self.dtype, self.device, self.padded, self.grad, self.packed)
+        """Problems of one class share a plan: lengths by power-of-two bucket (and whether they are multiples
+        of 128, which some lowerings need), everything else exact."""
+        return (self.batch, self.heads, bucket(self.n_q), bucket(self.n_k), self.n_q % 128 == 0,
+                self.n_k % 128 == 0, self.head_dim, self.head_dim_v, self.dtype, self.device, self.padded,
+                self.grad, self.packed)
 
 
 @dataclass(frozen=True)
