@@ -1,4 +1,7 @@
-"""Public entry points: parse, load, builtin, builtins, compile. They attach the source to every error.
+"""Public entry points: parse, load, builtin, builtins, compile.
+
+Inner layers (grammar, checks, lowering) raise precise PatternErrors with a span; these entry points add the
+context once, here (the source text, and the parameters given at compile time), and re-raise `from None`.
 
 >>> import patterndsl as pd
 >>> prog = pd.parse("pattern local(w: int = 2) { attend softmax over sliding(w) }")
@@ -36,11 +39,12 @@ class Program:
         return {p.name: p for p in self.pattern.params}
 
     def lower(self, **params) -> ProgramIR:
-        """The IR for these parameter values (defaults for the rest); errors point into the source."""
+        """The IR for these parameter values (defaults for the rest); errors point into the source and name
+        the parameters given."""
         try:
             return lower(self.pattern, params)
         except PatternError as e:
-            raise e.with_source(self.source) from None
+            raise _in_context(e, self.source, params) from None
 
     def signature(self) -> str:
         from .grammar.printer import print_param
@@ -61,20 +65,36 @@ class Program:
         return f"<Program {self.signature()} from {self.source.name}>"
 
 
+def _in_context(e: PatternError, source: Source, params: dict | None = None) -> PatternError:
+    """`e` with the user's input attached: the source it points into, and the compile-time parameters that
+    gave the values behind its caret unless it names one already (added here once, never by inner layers)."""
+    hint = e.hint
+    if params and not any(f"parameter '{k}'" in e.message for k in params):
+        given = ", ".join(f"{k}={_show(v)}" for k, v in params.items())
+        hint = (f"{hint}; " if hint else "") + f"with the parameters given at compile time: {given}"
+    return PatternError(e.message, e.span, e.source or source, hint)
+
+
+def _show(v) -> str:
+    if isinstance(v, (set, frozenset)):
+        return "{" + ", ".join(map(str, sorted(v))) + "}"
+    return f'"{v}"' if isinstance(v, str) else repr(v)
+
+
 @functools.lru_cache(maxsize=256)
 def _parse_cached(text: str, name: str) -> tuple[Program, ...]:
     from .grammar import check_module, parse_module
     source = Source(text, name)
     try:
         module = parse_module(text, name)
-        check_module(module, source)
+        check_module(module)
         programs = tuple(Program(p, source, module) for p in module.patterns)
         for prog in programs:  # value checks with the defaults: a checked program lowers
             if all(prm.default is not None for prm in prog.pattern.params):
                 lower(prog.pattern, {})
     except PatternError as e:
-        raise e.with_source(source) from None
-    except RecursionError:
+        raise _in_context(e, source) from None
+    except RecursionError:  # the one catch, at the public entry: the nesting limits keep passes far from it
         raise PatternError("program nested too deeply", source=source) from None
     return programs
 
@@ -160,6 +180,19 @@ def resolve(program) -> Program:
     raise PatternError(f"expected a Program, a built-in name, .attn text or a path, got {type(program).__name__}")
 
 
+def require_triton() -> None:
+    """A PatternError unless the optional `triton` package can be imported (it is not imported here)."""
+    import importlib.util
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise PatternError("the Triton backend needs the triton package, which is not installed",
+                           hint="pip install 'patterndsl[triton]' (CUDA builds of torch include it), "
+                                "or use backend='torch' or 'auto'")
+
+
 def compile(program, backend: str = "auto", **params):
     """Compile a program to an `AttentionOp`; keyword parameters override the pattern's defaults.
 
@@ -169,6 +202,8 @@ def compile(program, backend: str = "auto", **params):
     stages). Errors name the bad parameter and point into the source.
     """
     from .op import AttentionOp, OP_OPTIONS
+    if backend == "triton":
+        require_triton()
     prog = resolve(program)
     options = {k: params.pop(k) for k in list(params) if k in OP_OPTIONS}
     return AttentionOp(prog, prog.lower(**params), backend=backend, **options)

@@ -47,8 +47,8 @@ class AttnLexer(RegexLexer):
             (words((INPUT,) + INDEX_VARS, suffix=r"\b"), Name.Builtin.Pseudo),
             (r"(" + _WORD + r")(\s*)(=)(?!=)", bygroups(Name.Variable, Text, Operator)),
             (_WORD, Name),
-            (r"\d+\.\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|\d+[eE][+-]?\d+", Number.Float),
-            (r"\d+", Number.Integer),
+            (r"[0-9]+\.[0-9]*([eE][+-]?[0-9]+)?|\.[0-9]+([eE][+-]?[0-9]+)?|[0-9]+[eE][+-]?[0-9]+", Number.Float),
+            (r"[0-9]+", Number.Integer),   # ASCII digits only, as the grammar
             (r'"(\\\\|\\"|[^"\n])*"', String.Double),
             (r"'(\\\\|\\'|[^'\n])*'", String.Single),
             (r"//|==|!=|<=|>=|[-+*/%<>|&~=]", Operator),

@@ -11,7 +11,7 @@ import torch
 
 import patterndsl as pd
 from patterndsl.cli import bench, demo, emit, explain, options, show
-from patterndsl.cli.picture import ascii_picture, panels, short_mask, tile_classes
+from patterndsl.cli.picture import ascii_picture, dense_tile_classes, panels, short_mask
 from patterndsl.ir import mask as M
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -316,14 +316,14 @@ def test_argparse_types():
 
 
 # ------------------------------------------------------------------------------------------- pictures
-def test_tile_classes_edges():
+def test_dense_tile_classes_edges():
     m = torch.zeros(5, 5, dtype=torch.bool)
     m[:4, :4] = True
     m[4, 4] = True
-    assert tile_classes(m, 4).tolist() == [[2, 0], [0, 2]]
+    assert dense_tile_classes(m, 4).tolist() == [[2, 0], [0, 2]]
     m[4, 4] = False
     m[4, 0] = True
-    assert tile_classes(m, 4).tolist() == [[2, 0], [1, 0]]
+    assert dense_tile_classes(m, 4).tolist() == [[2, 0], [1, 0]]
 
 
 def test_panel_errors():

@@ -5,6 +5,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -16,7 +18,9 @@ from patterndsl.ir.dense import dense_mask  # noqa: E402
 from patterndsl.ir.program import Favor, Linear, ProgramIR, Softmax, Stage  # noqa: E402
 from patterndsl.backends.triton import BACKEND  # noqa: E402
 from patterndsl.backends.triton.codegen import emit_program, mask_module  # noqa: E402
-from patterndsl.backends.triton.tiles import build_aux, make_plan, tile_classes  # noqa: E402
+from patterndsl.backends.triton.tiles import build_aux, make_tile_plan  # noqa: E402
+from patterndsl.plan.layout import tile_layout  # noqa: E402
+from patterndsl.plan.schedule import tile_classes  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs CUDA or TRITON_INTERPRET=1")
@@ -31,9 +35,10 @@ def _grid_kernel(OUT, AUX, N_Q, N_K, b, mask_tile: tl.constexpr, BM: tl.constexp
     tl.store(OUT + i * BN + j, ok.to(tl.int32))
 
 
-def _generated(mask, n_q, n_k, runtime=None, batch=0):
-    n_batch = next(iter(runtime.values())).shape[0] if runtime else 1
-    aux = build_aux(mask, n_q, n_k, n_batch, runtime, DEV)
+def _generated(mask, n_q, n_k, runtime=None, batch=0, q_offset=0):
+    ids = next(iter(runtime.values())) if runtime else None
+    n_batch = (ids[0] if isinstance(ids, tuple) else ids).shape[0] if runtime else 1
+    aux = build_aux(mask, n_q, n_k, n_batch, runtime, DEV, q_offset=q_offset)
     out = torch.zeros(64, 64, dtype=torch.int32, device=DEV)
     _grid_kernel[(1,)](out, aux, n_q, n_k, batch, mask_tile=mask_module(mask).mask_tile, BM=64, BN=64)
     return out[:n_q, :n_k].bool().cpu()
@@ -50,6 +55,8 @@ PREDICATES = {
     "not-and-const": P.Logic("and", P.Logic("not", P.Cmp(">", P.Call("abs", (P.Bin("-", I, J),)), C(3))),
                              P.Logic("or", C(True), P.Cmp("==", I, C(0)))),
     "const-over-index": P.Cmp(">=", P.Bin("%", C(-17), P.Bin("+", J, C(1))), P.Bin("//", I, C(-5))),
+    "numbers-as-conditions": P.Logic("or", P.Logic("and", P.Bin("%", I, C(3)), P.Logic("not", P.Bin("%", J, C(2)))),
+                                     P.Bin("-", I, P.Bin("+", J, C(9)))),
 }
 
 
@@ -57,6 +64,38 @@ PREDICATES = {
 def test_where_floor_semantics(name):
     mask = M.Where(PREDICATES[name])
     assert torch.equal(_generated(mask, 45, 50), dense_mask(mask, 45, 50))
+
+
+_BIG = st.sampled_from([-5, -3, -1, 0, 1, 2, 7, 1 << 31, -(1 << 31) - 1, 3 << 33])
+
+
+@st.composite
+def _terms(draw, depth=3):
+    """Integer terms over i and j with constants near and beyond int32 (int32 / int64 text, folding)."""
+    if depth == 0 or draw(st.booleans()):
+        return draw(st.sampled_from([P.I, P.J, P.Const(draw(_BIG))]))
+    kind = draw(st.sampled_from(["+", "-", "*", "//", "%", "abs", "min", "max"]))
+    a = draw(_terms(depth=depth - 1))
+    if kind == "abs":
+        return P.Call("abs", (a,))
+    b = draw(_terms(depth=depth - 1))
+    return P.Call(kind, (a, b)) if kind in ("min", "max") else P.Bin(kind, a, b)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from(["<", "<=", ">", ">=", "==", "!="]), _terms(), _terms())
+def test_generated_predicates_equal_the_dense_mask(op, a, b):
+    mask = M.Where(P.Cmp(op, a, b))
+    assume(not list(mask.problems()))  # the language's domain: no intermediate reaches 2^63 (docs/language.md §7)
+    assert torch.equal(_generated(mask, 37, 29), dense_mask(mask, 37, 29))
+
+
+def test_predicates_beyond_64_bits_are_refused_by_the_verifier():
+    from patterndsl.ir.verify import IRError, verify_mask
+    big = P.Bin("*", P.Bin("*", I, C(3 << 33)), C(3 << 33))
+    with pytest.raises(IRError, match="64-bit"):
+        verify_mask(M.Where(P.Cmp("<", J, big)))
+    verify_mask(M.Where(P.Cmp("<", J, P.Bin("*", I, C(1 << 31)))))  # 2^62: inside
 
 
 MASKS = {
@@ -106,10 +145,13 @@ def _dense_classes(mask, n_q, n_k, bm, bn):
 @pytest.mark.parametrize("mask", [M.CAUSAL, M.sliding(5), M.window(40, -3), M.FULL], ids=str)
 def test_band_tile_classes_match_dense(mask):
     n_q, n_k, bm, bn = 70, 53, 16, 16
-    plan = make_plan(mask, n_q, n_k, bm, bn, split=1000)
+    plan = make_tile_plan(mask, n_q, n_k, bm, bn, split=1000)
     dense = _dense_classes(mask, n_q, n_k, bm, bn)
     dense[:, -1] = dense[:, -1].clamp(max=1)          # the ragged key edge is always bound-checked
-    assert torch.equal(dense, tile_classes(mask, n_q, n_k, bm, bn))
+    layout = tile_layout(mask, n_q, n_k, bm, bn)
+    kernel = torch.zeros_like(dense)
+    kernel[layout.row_ids(), layout.col_idx] = tile_classes(layout)
+    assert torch.equal(dense, kernel)
     walked = torch.zeros_like(dense, dtype=torch.bool)
     for qb, start, end, _ in plan.rows.work.tolist():
         walked[qb, start:end] = True
@@ -142,14 +184,15 @@ def test_emit_sanitises_names():
         ["triton", "triton.language"]
 
 
-def test_emit_rejects_bad_constexprs():
+@pytest.mark.parametrize("constexprs,message", [
+    (dict(BLOCK_K=64), "unknown constexpr 'BLOCK_K'"),
+    (dict(BLOCK_M=48), "BLOCK_M must be a power of two >= 16, got 48"),
+    (dict(num_warps=0), "num_warps must be an int >= 1, got 0"),
+], ids=["unknown-name", "block-48", "warps-0"])
+def test_emit_rejects_bad_constexprs(constexprs, message):
     ir = ProgramIR("p", (Stage("s", Softmax(), M.CAUSAL),), ("s",))
-    with pytest.raises(PatternError, match="unknown constexpr 'BLOCK_K'"):
-        emit_program(ir, BLOCK_K=64)
-    with pytest.raises(PatternError, match="BLOCK_M must be a power of two >= 16, got 48"):
-        emit_program(ir, BLOCK_M=48)
-    with pytest.raises(PatternError, match="num_warps must be an int >= 1, got 0"):
-        emit_program(ir, num_warps=0)
+    with pytest.raises(PatternError, match=message):
+        emit_program(ir, **constexprs)
 
 
 def test_supports_needs_cuda_or_interpreter(monkeypatch):
@@ -184,7 +227,11 @@ def build(kernel, args, constexprs, num_warps=4):
 
 x, f, i, u = (torch.empty(1, dtype=t) for t in (torch.bfloat16, torch.float32, torch.int32, torch.uint8))
 where = M.Where(P.Cmp("==", P.Bin("%", P.I, P.Bin("+", P.J, P.Const(1))), P.Const(0)))
-for mask, band in ((M.CAUSAL, True), (M.sliding(4) | M.global_({0}) | M.Random(2, 64, 1) | M.Same("s") | where, False)):
+wide = M.Where(P.Logic("or", P.Cmp(">", P.Bin("%", P.Bin("*", P.I, P.J), P.Const(5000000011)),
+                                   P.Bin("//", P.Call("abs", (P.Bin("-", P.I, P.J),)), P.Const(-3))),
+                       P.Cmp("!=", P.Bin("*", P.Call("min", (P.J, P.Const(7))), P.Const(3)), P.Bin("%", P.I, P.Const(5)))))
+for mask, band in ((M.CAUSAL, True), (M.sliding(4) | M.global_({0}) | M.Random(2, 64, 1) | M.Same("s") | where, False),
+                   (wide | M.blocks(16) | M.sliding(3, 2), False)):
     mod = mask_module(mask)
     ce = dict(mask_tile=mod.mask_tile, tile_full=mod.tile_full, BAND=band, HAS_KPM=True, D=128, DV=128,
               BLOCK_M=64, BLOCK_N=32, BLOCK_D=128, BLOCK_DV=128, PREC=None, UPCAST=False)

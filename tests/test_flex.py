@@ -14,7 +14,7 @@ from patterndsl.op import AttentionOp
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 BUILTINS = ["longformer", "performer", "luna", "luna_causal", "bigbird", "sparse_transformer", "sliding_window",
-            "dilated_window", "prefix_lm", "longformer_performer"]
+            "dilated_window", "prefix_lm", "longformer_performer", "causal", "full"]
 
 
 def _have_parser() -> bool:
@@ -58,6 +58,9 @@ MASKS = {
     "rows": M.rows({1, 2}),
     "cols-big-set": M.cols(set(range(0, 40, 3))) | M.blocks(4),
     "blocks4": M.blocks(4),
+    "numbers-as-conditions": M.Where(P.Logic("or", P.Logic("and", P.Bin("%", P.I, P.Const(3)),
+                                                           P.Logic("not", P.Bin("%", P.J, P.Const(2)))),
+                                             P.Bin("-", P.I, P.Bin("+", P.J, P.Const(9))))),
     "random": M.Random(2, 4, 7) | M.window(1, 0),
     "where-mod": M.Where(_pred("==", P.Bin("%", DIFF, P.Const(3)), P.Const(0))),
     "where-div0": M.Where(_pred("==", P.Bin("//", P.I, P.Bin("-", P.J, P.Const(5))), P.Const(0))),

@@ -11,7 +11,9 @@ from patterndsl.ir import predicate as P
 from patterndsl.ir.dense import dense_mask
 from patterndsl.plan import layout as L
 from patterndsl.plan.layout import EMPTY, FULL, PARTIAL, band_bounds, block_layout, tile_layout, tile_lists
+from patterndsl.ir.masks import Tiles
 from patterndsl.plan.points import mask_at
+from patterndsl.plan.tiles import Grid
 
 from test_mask_ir import masks
 
@@ -105,6 +107,14 @@ BUILTIN_PARAMS = {"longformer": {"window": 64}, "dilated_window": {"window": 64}
                   "longformer_performer": {"local_heads": 4}}
 
 
+def _closed_form(mask, n_q, n_k, block):
+    """(classes, unsure) of every tile from the masks' closed forms alone (no settling)."""
+    g = Grid(n_q, n_k, *block)
+    a, b = torch.arange(g.nqb)[:, None], torch.arange(g.nkb)[None, :]
+    cls, unsure = mask.classify(Tiles(g), a, b)
+    return torch.broadcast_tensors(cls, unsure, a + b)[:2]
+
+
 @pytest.mark.parametrize("name", pd.builtins())
 @pytest.mark.parametrize("n,block", [(1000, (64, 64)), (4096, (128, 64)), (4001, (96, 40))],
                          ids=["N1000-64x64", "N4096-128x64", "N4001-96x40"])
@@ -113,10 +123,12 @@ def test_builtin_layouts_at_larger_sizes(name, n, block):
     n_k = 16 if name == "luna" else n  # luna's output stage reads the 16 packed rows
     dense = op.mask(n, n_k)
     truth = _truth(dense if dense.dim() == 2 else dense[0], *block)
-    layout = op.block_layout(n, n_k, block)
-    _sound(layout, truth)
-    sparse = tile_layout(op._mask_stage(None).mask, n, n_k, *block)
-    assert torch.equal(sparse.dense(), layout)
+    mask = op._mask_stage(None).mask
+    cls, unsure = _closed_form(mask, n, n_k, block)
+    assert torch.equal(cls[~unsure], truth[~unsure]), "the closed form is wrong where it claims to be exact"
+    _sound(cls, truth)
+    assert torch.equal(op.block_layout(n, n_k, block), truth)          # uncertain tiles settled: exact
+    assert torch.equal(tile_layout(mask, n, n_k, *block).dense(), truth)
 
 
 @pytest.mark.parametrize("window,dilation", [(256, 1), (64, 3), (100, 1)])
@@ -200,3 +212,13 @@ def test_same_with_ids_is_sound_in_every_batch_row(ids, monkeypatch):
 def test_empty_shapes():
     assert block_layout(M.sliding(2), 0, 5, 4, 4).shape == (0, 2)
     assert tile_layout(M.sliding(2), 0, 5, 4, 4).nnz == 0
+
+
+def test_intersection_enumerates_only_its_sparsest_part():
+    """`causal & random(...)` lists the random part's tiles, never the causal half (N^2 / 2 tiles at 1M)."""
+    g = Grid(1 << 14, 1 << 14, 64, 64)
+    sparse = M.Random(3, 64, 0)
+    a, b = M.inter(M.CAUSAL, sparse).candidates(Tiles(g))
+    ra, rb = sparse.candidates(Tiles(g))
+    assert torch.equal(a, ra) and torch.equal(b, rb)
+    assert a.numel() < 8 * (g.nqb * 3)          # about count tiles per row, not nqb * nkb / 2

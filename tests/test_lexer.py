@@ -95,3 +95,10 @@ def test_doctests():
     import patterndsl.lexer
     res = doctest.testmod(patterndsl.lexer)
     assert res.failed == 0 and res.attempted > 0
+
+
+def test_only_ascii_digits_are_numbers():
+    """As in the grammar: Arabic-Indic or full-width digits are not numbers."""
+    kinds = dict((v, t) for t, v in _tokens("sliding(3) sliding(\u0663) sliding(\uff13)"))
+    assert kinds["3"] in Number
+    assert kinds["\u0663"] not in Number and kinds["\uff13"] not in Number

@@ -1,4 +1,4 @@
-"""Luna: the pack/unpack program, causal Luna and `LunaLayer` equal DESIGN.md §3's equations, written out here."""
+"""Luna: the pack/unpack program, causal Luna and `LunaLayer` follow docs/language.md §5, written out here."""
 import math
 
 import pytest

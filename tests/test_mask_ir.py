@@ -1,4 +1,4 @@
-"""The mask algebra: normal forms preserve meaning, and dense masks match DESIGN.md's table pair by pair."""
+"""The mask algebra: normal forms preserve meaning, and dense masks match docs/language.md §3's table pair by pair."""
 import itertools
 
 import pytest
@@ -11,7 +11,7 @@ from patterndsl.ir import predicate as P
 from patterndsl.ir.dense import dense_mask, dense_tile
 from patterndsl.ir.verify import verify_mask
 
-# ---- the table of DESIGN.md §2, written pair by pair in plain Python (independent of ir/mask.py) ----------
+# ---- the table of docs/language.md §3, written pair by pair in plain Python (independent of ir/mask.py) ----------
 PRIMS = {
     "sliding": lambda w, d: (M.sliding(w, d), lambda i, j: abs(i - j) <= w * d and (i - j) % d == 0),
     "window": lambda b, a, d: (M.window(b, a, d), lambda i, j: -a * d <= i - j <= b * d and (i - j) % d == 0),

@@ -135,30 +135,38 @@ def test_dropout_only_in_training():
     assert torch.equal(layer(x), layer(x))
 
 
-def test_layer_errors():
-    with pytest.raises(PatternError, match="embed_dim 10 is not divisible by num_heads 4"):
-        Attention(_prog(), 10, 4)
-    with pytest.raises(PatternError, match="num_heads must be an int >= 1, got 0"):
-        Attention(_prog(), 8, 0)
-    layer = Attention(_prog(), 8, 2, backend="reference")
-    with pytest.raises(PatternError, match=r"x must be a torch.Tensor \(B, N, 8\), got list"):
-        layer([1.0])
-    with pytest.raises(PatternError, match=r"x must be \(B, N, 8\) \(batch, tokens, embed_dim\), got \(2, 5, 6\)"):
-        layer(torch.randn(2, 5, 6))
-    with pytest.raises(PatternError, match=r"key_padding_mask must be a bool tensor \(2, 5\) \(True = padding\), "
-                                           r"got torch.int64 \(2, 5\)"):
-        layer(torch.randn(2, 5, 8), key_padding_mask=torch.zeros(2, 5, dtype=torch.long))
-    with pytest.raises(PatternError, match=r"x must have the layer's dtype torch.float32, got torch.float64"):
-        layer(torch.randn(2, 5, 8, dtype=torch.float64))
-    for bad in (2.0, -0.1, True, "0.1"):
-        with pytest.raises(PatternError, match=r"dropout must be a probability in \[0, 1\), got"):
-            Attention(_prog(), 8, 2, dropout=bad)
-    with pytest.raises(PatternError, match="parameters window cannot be applied to an IR program"):
-        make_op(_prog(), window=4)
+def _layer():
+    return Attention(_prog(), 8, 2, backend="reference")
+
+
+LAYER_ERRORS = {  # id: (call, message)
+    "heads-do-not-divide": (lambda: Attention(_prog(), 10, 4), "embed_dim 10 is not divisible by num_heads 4"),
+    "heads-0": (lambda: Attention(_prog(), 8, 0), "num_heads must be an int >= 1, got 0"),
+    "x-list": (lambda: _layer()([1.0]), r"x must be a torch.Tensor \(B, N, 8\), got list"),
+    "x-width": (lambda: _layer()(torch.randn(2, 5, 6)),
+                r"x must be \(B, N, 8\) \(batch, tokens, embed_dim\), got \(2, 5, 6\)"),
+    "padding-dtype": (lambda: _layer()(torch.randn(2, 5, 8), key_padding_mask=torch.zeros(2, 5, dtype=torch.long)),
+                      r"key_padding_mask must be a bool tensor \[B, N_k\], got torch.int64"),
+    "x-dtype": (lambda: _layer()(torch.randn(2, 5, 8, dtype=torch.float64)),
+                r"x must have the layer's dtype torch.float32, got torch.float64"),
+    **{f"dropout-{bad!r}": (lambda bad=bad: Attention(_prog(), 8, 2, dropout=bad),
+                            r"dropout must be a probability in \[0, 1\), got") for bad in (2.0, -0.1, True, "0.1")},
+    "params-on-ir": (lambda: make_op(_prog(), window=4), "parameters window cannot be applied to an IR program"),
+    "params-on-op": (lambda: make_op(AttentionOp(None, _prog(), backend="reference"), window=4),
+                     "parameters window cannot be applied to a compiled op"),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYER_ERRORS))
+def test_layer_errors(case):
+    call, message = LAYER_ERRORS[case]
+    with pytest.raises(PatternError, match=message):
+        call()
+
+
+def test_make_op_returns_a_compiled_op_as_is():
     op = AttentionOp(None, _prog(), backend="reference")
     assert make_op(op) is op
-    with pytest.raises(PatternError, match="parameters window cannot be applied to a compiled op"):
-        make_op(op, window=4)
 
 
 # ----------------------------------------------------------------------------------- LongformerAttention
@@ -200,11 +208,17 @@ def test_longformer_attention_B3_N14_E16_H2(window, dilation):
     assert (layer(x) - _longformer_definition(layer, x, none, none, window // 2, dilation)).abs().max() < 1e-12
 
 
-def test_longformer_attention_errors():
-    with pytest.raises(PatternError, match="window must be an int >= 0, got -2"):
-        LongformerAttention(8, 2, -2)
-    with pytest.raises(PatternError, match="dilation must be an int >= 1, got 0"):
-        LongformerAttention(8, 2, 4, dilation=0)
-    layer = LongformerAttention(8, 2, 4, backend="reference")
-    with pytest.raises(PatternError, match=r"global_mask must be a bool tensor \(1, 5\)"):
-        layer(torch.randn(1, 5, 8), global_mask=torch.zeros(1, 4, dtype=torch.bool))
+LONGFORMER_ERRORS = {  # id: (call, message)
+    "window-negative": (lambda: LongformerAttention(8, 2, -2), "window must be an int >= 0, got -2"),
+    "dilation-0": (lambda: LongformerAttention(8, 2, 4, dilation=0), "dilation must be an int >= 1, got 0"),
+    "global-mask-shape": (lambda: LongformerAttention(8, 2, 4, backend="reference")(
+        torch.randn(1, 5, 8), global_mask=torch.zeros(1, 4, dtype=torch.bool)),
+        r"global_mask must be \[1, 5\] \(batch, keys\), got \[1, 4\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(LONGFORMER_ERRORS))
+def test_longformer_attention_errors(case):
+    call, message = LONGFORMER_ERRORS[case]
+    with pytest.raises(PatternError, match=message):
+        call()

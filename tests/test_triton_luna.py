@@ -11,7 +11,7 @@ from patterndsl.errors import PatternError  # noqa: E402
 from patterndsl.ir import mask as M  # noqa: E402
 from patterndsl.ir.program import Nested, ProgramIR, Softmax, Stage  # noqa: E402
 from patterndsl.op import AttentionOp  # noqa: E402
-from patterndsl.backends.reference.nested import nested_causal_attention as reference  # noqa: E402
+from patterndsl.backends.reference.nested import nested_attention as reference  # noqa: E402
 from patterndsl.backends.triton.luna import nested_attention  # noqa: E402
 
 CUDA = torch.cuda.is_available()

@@ -154,29 +154,39 @@ def test_backend_through_attention_op():
     assert (got - want).abs().max() < 1e-5
 
 
-def test_input_errors():
-    q = torch.randn(1, 1, 8, 16, device=DEV)
-    with pytest.raises(PatternError, match="float16, bfloat16, float32 or float64 q, k, v of one dtype"):
-        softmax_attention(q, q, q.half(), M.CAUSAL)
-    big = torch.randn(1, 1, 4, 512, device=DEV)
-    with pytest.raises(PatternError, match="head dims up to 256, got q 512"):
-        softmax_attention(big, big, big, M.CAUSAL)
-    with pytest.raises(PatternError, match=r"q, k, v shapes do not fit: q \[1, 1, 8, 16\], k \[1, 1, 8, 8\]"):
-        softmax_attention(q, q[..., :8], q, M.CAUSAL)
-    with pytest.raises(PatternError, match=r"q must be a tensor \[B, H, N, D\], got 3 dims"):
-        softmax_attention(q[0], q, q, M.CAUSAL)
-    with pytest.raises(PatternError, match=r"key_padding_mask must be bool \[1, 8\], got torch.int64 \[1, 8\]"):
-        softmax_attention(q, q, q, M.CAUSAL, key_padding_mask=torch.zeros(1, 8, dtype=torch.long))
-    with pytest.raises(PatternError, match=r"block must be \(BLOCK_M, BLOCK_N\), powers of two >= 16, "
-                                           r"got \(16, 24\)"):
-        softmax_attention(q, q, q, M.CAUSAL, block=(16, 24))
-    with pytest.raises(PatternError, match="split .most tiles per program. must be an int >= 1, got 0"):
-        softmax_attention(q, q, q, M.CAUSAL, split=0)
-    with pytest.raises(PatternError, match="reads runtime ids 'seg', but none were given"):
-        softmax_attention(q, q, q, M.Same("seg"))
-    with pytest.raises(PatternError, match=r"seg \(query ids\) must be an integer tensor \[1, 8\], got torch.int64 "
-                                           r"\[1, 7\]"):
-        softmax_attention(q, q, q, M.Same("seg"), runtime={"seg": torch.zeros(1, 7, dtype=torch.long)})
+def _q(n=8, d=16):
+    return torch.randn(1, 1, n, d, device=DEV)
+
+
+INPUT_ERRORS = {  # id: (call, message)
+    "dtype-mix": (lambda: softmax_attention(_q(), _q(), _q().half(), M.CAUSAL),
+                  "float16, bfloat16, float32 or float64 q, k, v of one dtype"),
+    "head-dim-512": (lambda: softmax_attention(_q(4, 512), _q(4, 512), _q(4, 512), M.CAUSAL),
+                     "head dims up to 256, got q 512"),
+    "k-head-dim": (lambda: softmax_attention(_q(), _q(8, 8), _q(), M.CAUSAL),
+                   r"q, k, v shapes do not fit: q \[1, 1, 8, 16\], k \[1, 1, 8, 8\]"),
+    "q-3-dims": (lambda: softmax_attention(_q()[0], _q(), _q(), M.CAUSAL),
+                 r"q must be a tensor \[B, H, N, D\], got 3 dims"),
+    "padding-dtype": (lambda: softmax_attention(_q(), _q(), _q(), M.CAUSAL,
+                                                key_padding_mask=torch.zeros(1, 8, dtype=torch.long)),
+                      r"key_padding_mask must be a bool tensor \[B, N_k\], got torch.int64"),
+    "block-16x24": (lambda: softmax_attention(_q(), _q(), _q(), M.CAUSAL, block=(16, 24)),
+                    r"block must be \(BLOCK_M, BLOCK_N\), powers of two >= 16, got \(16, 24\)"),
+    "split-0": (lambda: softmax_attention(_q(), _q(), _q(), M.CAUSAL, split=0),
+                "split .most tiles per program. must be an int >= 1, got 0"),
+    "ids-missing": (lambda: softmax_attention(_q(), _q(), _q(), M.Same("seg")),
+                    "reads runtime ids 'seg', but none were given"),
+    "ids-short": (lambda: softmax_attention(_q(), _q(), _q(), M.Same("seg"),
+                                            runtime={"seg": torch.zeros(1, 7, dtype=torch.long)}),
+                  r"seg \(query ids\) must be an integer tensor \[1, 8\], got torch.int64 \[1, 7\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(INPUT_ERRORS))
+def test_input_errors(case):
+    call, message = INPUT_ERRORS[case]
+    with pytest.raises(PatternError, match=message):
+        call()
 
 
 # ---------------------------------------------------------------------------------------------- GPU sizes

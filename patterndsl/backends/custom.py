@@ -4,8 +4,8 @@ Custom ops take tensors and plain values, not IR objects, so a backend registers
 and its tile choices) under a key derived from the spec's text and passes the key; the runtime ids of
 `same(...)` masks travel as a flat tensor list, two tensors (query ids, key ids) per name. Softmax ops of
 every backend share one signature, `fwd(q, k, v, key_padding_mask, ids, key, scale) -> (out, lse)` and
-`bwd(dout, dlse, q, k, v, out, lse, key_padding_mask, ids, key, scale) -> (dq, dk, dv)`, and so one
-autograd registration.
+`bwd(dout, dlse, q, k, v, out, lse, key_padding_mask, ids, key, scale) -> (dq, dk, dv)`; every backend op
+(softmax, linear, Luna) is made differentiable by one helper, `register_backward`.
 
 >>> from patterndsl.ir.mask import sliding
 >>> key = register("demo", sliding(2), 64)
@@ -65,17 +65,50 @@ def unflatten_ids(mask: M.Mask, ids: list[torch.Tensor]) -> dict:
     return {n: (ids[2 * a], ids[2 * a + 1]) for a, n in enumerate(M.runtime_inputs(mask))}
 
 
-def register_softmax_autograd(fwd_op, bwd_op) -> None:
-    """Make `fwd_op` differentiable in q, k, v through `bwd_op` (the shared softmax signature above)."""
-    def setup_context(ctx, inputs, output):
-        q, k, v, key_padding_mask, ids, key, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, *ids)
-        ctx.key, ctx.scale = key, scale
+def register_backward(fwd_op, bwd_op, arrange, save_outputs: bool = True) -> None:
+    """Make custom op `fwd_op` differentiable through custom op `bwd_op`: the one autograd registration of
+    the backends' ops.
 
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, key_padding_mask, *ids = ctx.saved_tensors
-        dq, dk, dv = bwd_op(dout, dlse, q, k, v, out, lse, key_padding_mask, list(ids), ctx.key, ctx.scale)
-        return dq, dk, dv, None, [None] * len(ids), None, None
+    The forward's tensor inputs (None and lists of tensors included) and, with `save_outputs`, its outputs
+    are saved; plain values ride on the context. In the backward, `arrange(douts, inputs, outputs)` gives
+    `bwd_op`'s arguments (inputs as the forward took them, outputs as it returned them); `bwd_op` returns
+    the gradients of the first inputs in order, and every other input gets None (a list input a list of
+    None)."""
+    def setup_context(ctx, inputs, output):
+        outputs = output if isinstance(output, tuple) else (output,)
+        tensors, layout = [], []
+        for x in inputs:
+            if isinstance(x, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in x):
+                layout.append(("list", len(x)))
+                tensors += list(x)
+            elif x is None or isinstance(x, torch.Tensor):
+                layout.append(("tensor", None))
+                tensors.append(x)
+            else:
+                layout.append(("value", x))
+        ctx.save_for_backward(*tensors, *(outputs if save_outputs else ()))
+        ctx.layout, ctx.n_inputs = layout, len(tensors)
+
+    def backward(ctx, *douts):
+        saved = list(ctx.saved_tensors)
+        inputs, k = [], 0
+        for kind, x in ctx.layout:
+            if kind == "value":
+                inputs.append(x)
+            elif kind == "tensor":
+                inputs.append(saved[k])
+                k += 1
+            else:
+                inputs.append(saved[k:k + x])
+                k += x
+        grads = bwd_op(*arrange(douts, inputs, tuple(saved[ctx.n_inputs:])))
+        grads = tuple(grads) if isinstance(grads, (tuple, list)) else (grads,)
+        rest = [[None] * x if kind == "list" else None for kind, x in ctx.layout[len(grads):]]
+        return (*grads, *rest)
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
+
+
+def register_softmax_autograd(fwd_op, bwd_op) -> None:
+    """Make a softmax op differentiable in q, k, v through `bwd_op` (the shared softmax signature above)."""
+    register_backward(fwd_op, bwd_op, lambda d, x, o: (d[0], d[1], *x[:3], *o, *x[3:]))

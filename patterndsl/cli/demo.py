@@ -29,8 +29,8 @@ def add_parser(subparsers):
     p.add_argument("--head-dim", type=options.positive, default=64, metavar="D", help="head dimension (default: 64)")
     p.add_argument("--heads", type=options.positive, default=4, help="heads (default: 4; per-head patterns: theirs)")
     options.add_device(p)
-    p.add_argument("-o", "--output", default="patterndsl-demo", metavar="DIR",
-                   help="directory for the pictures (default: patterndsl-demo)")
+    p.add_argument("-o", "--output", default=options.cache_dir("demo"), metavar="DIR",
+                   help="directory for the pictures (default: the user cache, %(default)s)")
     p.add_argument("--picture-len", type=options.positive, default=512, metavar="N",
                    help="sequence length drawn in the pictures (default: 512)")
     p.add_argument("--no-pictures", action="store_true", help="skip the pictures")

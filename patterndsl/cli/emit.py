@@ -39,6 +39,7 @@ def run(args) -> int:
         source = op.emit(**dict(args.constexpr))
     except ImportError as e:
         raise PatternError(f"the Triton code generator is not available: {e}") from None
+    options.note_without_triton("the generated source")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(source)

@@ -18,8 +18,8 @@ import sys
 
 from ..errors import PatternError
 
-_INT = re.compile(r"[+-]?\d+")
-_FLOAT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?")
+_INT = re.compile(r"[+-]?[0-9]+")                    # ASCII digits only, as in .attn text
+_FLOAT = re.compile(r"[+-]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][+-]?[0-9]+)?")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _LITERALS = "an int, a float, true/false, a \"string\" or a {set} of token indices"
 
@@ -30,6 +30,8 @@ def parse_literal(text: str, name: str = "value"):
     if t in ("true", "false"):
         return t == "true"
     if _INT.fullmatch(t):
+        if len(t.lstrip("+-").lstrip("0")) > 13:        # past 2^40 (and Python's 4300-digit conversion limit)
+            raise PatternError(f"cannot read {name}={_clip(text)}: integers stay below 2^40 = {1 << 40}")
         return int(t)
     if _FLOAT.fullmatch(t):
         return float(t)
@@ -39,7 +41,7 @@ def parse_literal(text: str, name: str = "value"):
         items = [x.strip() for x in t[1:-1].split(",")]
         if items == [""]:
             return frozenset()
-        if not all(re.fullmatch(r"\d+", x) for x in items):
+        if not all(re.fullmatch(r"[0-9]{1,13}", x) for x in items):
             raise PatternError(f"cannot read {name}={text}: a set holds token indices >= 0, like {{0, 5, 9}}")
         return frozenset(int(x) for x in items)
     if t in ("True", "False"):
@@ -48,6 +50,10 @@ def parse_literal(text: str, name: str = "value"):
     if _WORD.fullmatch(t):
         return t
     raise PatternError(f"cannot read {name}={text} as an .attn literal", hint=f"values are {_LITERALS}")
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def parse_sets(items: list[str] | None) -> dict:
@@ -139,6 +145,26 @@ def non_negative(text: str) -> int:
 def sizes(text: str) -> list[int]:
     """argparse type: '1024,2048,4096' as a list of positive ints."""
     return [positive(x) for x in text.split(",") if x.strip()]
+
+
+def cache_dir(*parts: str) -> str:
+    """A directory under the user's cache (`$XDG_CACHE_HOME`, else `~/.cache`; `%LOCALAPPDATA%` on Windows):
+    where commands write by default, so they never litter the current directory or a git work tree.
+
+    >>> cache_dir("demo").endswith(os.path.join("patterndsl", "demo"))
+    True
+    """
+    base = os.environ.get("XDG_CACHE_HOME") or (os.environ.get("LOCALAPPDATA") if os.name == "nt" else None)
+    return os.path.join(base or os.path.join(os.path.expanduser("~"), ".cache"), "patterndsl", *parts)
+
+
+def note_without_triton(what: str) -> None:
+    """Tell the user (on stderr) that `what` needs the optional triton package to run, when it is missing."""
+    from ..api import require_triton
+    try:
+        require_triton()
+    except PatternError as e:
+        print(f"note: {what} runs only with triton installed ({e.hint.split(' (')[0]})", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------ errors

@@ -48,7 +48,7 @@ class Panel:
                 f"nonzero ({full} full)")
 
 
-def tile_classes(mask: torch.Tensor, block: int) -> torch.Tensor:
+def dense_tile_classes(mask: torch.Tensor, block: int) -> torch.Tensor:
     """Tile classes of a dense mask: 0 empty, 1 partial, 2 full (edge tiles judged on their valid part)."""
     n_q, n_k = mask.shape
     tq, tk = -(-n_q // block), -(-n_k // block)
@@ -70,46 +70,9 @@ def _norm(stage) -> str:
     return f"nested({n.packed})" if isinstance(n, Nested) else "?"
 
 
-def _indices(idx: frozenset) -> str:
-    items = sorted(idx)
-    if len(items) > 2 and items[-1] - items[0] == len(items) - 1:
-        return f"range({items[0]}, {items[-1] + 1})"
-    shown = ", ".join(map(str, items[:4])) + (", ..." if len(items) > 4 else "")
-    return "{" + shown + "}"
-
-
 def short_mask(m: M.Mask) -> str:
-    """A compact spelling of a mask for titles: `sliding(8) | global({0})`, `causal & same(doc)`."""
-    if isinstance(m, M.Band) and m != M.CAUSAL and m.lo is not None and m.hi is not None \
-            and m.lo <= 0 <= m.hi:
-        d = f", {m.step}" if m.step > 1 else ""
-        if m.lo == -m.hi:
-            return f"sliding({m.hi // m.step}{d})"
-        return f"window({m.hi // m.step}, {-m.lo // m.step}{d})"
-    if isinstance(m, M.Band) and m.lo is None and m.hi is None:
-        return f"strided({m.step})"
-    if isinstance(m, (M.Rows, M.Cols)):
-        return f"{'rows' if isinstance(m, M.Rows) else 'cols'}({_indices(m.idx)})"
-    if isinstance(m, M.Random):
-        return f"random({m.count}, {m.block})"
-    if isinstance(m, M.Where):
-        text = str(m.pred)
-        return f"where({text if len(text) <= 32 else text[:29] + '...'})"
-    if isinstance(m, M.Union):
-        parts = list(m.parts)
-        rows = [p for p in parts if isinstance(p, M.Rows)]
-        cols = [p for p in parts if isinstance(p, M.Cols)]
-        names = []
-        if rows and cols and rows[0].idx == cols[0].idx:
-            parts = [p for p in parts if p not in (rows[0], cols[0])]
-            names.append(f"global({_indices(rows[0].idx)})")
-        return " | ".join([short_mask(p) for p in parts] + names)
-    if isinstance(m, M.Inter):
-        return " & ".join(f"({short_mask(p)})" if isinstance(p, M.Union) else short_mask(p) for p in m.parts)
-    if isinstance(m, M.Not):
-        inner = short_mask(m.part)
-        return f"~({inner})" if isinstance(m.part, (M.Union, M.Inter)) else f"~{inner}"
-    return M.to_source(m)
+    """A compact spelling of a mask for titles: `sliding(8) | global({0})`, `causal & same(doc)` (`Mask.label`)."""
+    return m.label()
 
 
 def _title(stage, limit: int = 100) -> str:
@@ -138,7 +101,7 @@ def panels(op, n: int, block: int = 64) -> list[Panel]:
         m = m[0] if m.dim() == 3 else m
         label = " ".join(x for x in (f"heads[{st.heads[0]}:{st.heads[1]}]" if st.heads else "",
                                      "" if st.name.startswith("_") else st.name) if x) or "mask"
-        out.append(Panel(op.name, _title(st), m, tile_classes(m, block), block, label))
+        out.append(Panel(op.name, _title(st), m, dense_tile_classes(m, block), block, label))
     return out
 
 

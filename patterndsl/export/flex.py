@@ -1,9 +1,10 @@
 """Export to FlexAttention: a `mask_mod(b, h, q_idx, kv_idx)` built from the IR mask, and its BlockMask.
 
-Each IR node becomes pointwise torch ops on the index tensors, so the function runs under FlexAttention's
-`vmap` and under `torch.compile`: no Python branch looks at a tensor value, index sets and drawn random
-blocks are captured tensors read by clamped gathers, and `where` predicates go through the same
-`predicate.evaluate` as the dense reference, with pointwise ops.
+Each IR node's one pointwise definition (`Mask.at`) runs with `FlexOps`, pointwise torch ops on the index
+tensors, so the function runs under FlexAttention's `vmap` and under `torch.compile`: no Python branch looks
+at a tensor value, and index sets, drawn random blocks and runtime ids are captured tensors read by clamped
+gathers. With `q_offset = o`, query row `q_idx` is at absolute position `o + q_idx` (a decode step, a chunk
+of a long prompt).
 
 >>> import torch, patterndsl as pd
 >>> from torch.nn.attention.flex_attention import create_mask
@@ -14,19 +15,34 @@ True
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..errors import PatternError
 from ..ir import mask as M
-from ..ir.predicate import evaluate
 
 _UNROLL = 8            # index sets up to this size compare element by element; larger ones use a table
 _TABLE_LIMIT = 1 << 26  # largest membership table (entries) an index set may need
 
 
 class FlexOps:
-    """Predicate operations for `mask_mod` bodies: Python values stay Python (constants fold), tensors
-    get pointwise torch ops; division and remainder by zero give 0 as in `predicate.TorchOps`."""
+    """The mask ops (`ir/masks/base.py`) for `mask_mod` bodies: Python values stay Python (constants fold),
+    tensors get pointwise torch ops; division and remainder by zero give 0 as in `predicate.TorchOps`. Index
+    sets, drawn random blocks and runtime ids are captured tensors read by clamped gathers, built once (by a
+    probe evaluation in `mask_fn`) and shared by every call through `bind(b)`."""
+
+    def __init__(self, n_q: int | None = None, n_k: int | None = None, runtime: dict | None = None, device=None,
+                 q_offset: int = 0):
+        self.n_q, self.n_k, self.runtime, self.device, self.q_offset = n_q, n_k, runtime or {}, device, q_offset
+        self.data: dict = {}
+        self.b = None
+
+    def bind(self, b) -> "FlexOps":
+        """These ops for batch index `b` (sharing the captured data)."""
+        out = copy.copy(self)
+        out.b = b
+        return out
 
     def const(self, v):
         return v
@@ -68,6 +84,7 @@ class FlexOps:
                 "==": torch.eq, "!=": torch.ne}[op](a, b)
 
     def logic(self, op, a, b=None):
+        a, b = _cond(a), _cond(b)
         if op == "not":
             return (not a) if not isinstance(a, torch.Tensor) else ~a
         for x, y in ((a, b), (b, a)):  # fold a constant side
@@ -77,8 +94,43 @@ class FlexOps:
                 return True if x else y
         return (a & b) if op == "and" else (a | b)
 
+    # ----------------------------------------------------------------------------------------------- data
+    def member(self, x, idx: frozenset, side: str):
+        key = ("member", idx, side)
+        if key not in self.data:
+            n = self.n_k if side == "k" else (None if self.n_q is None else self.q_offset + self.n_q)
+            self.data[key] = _members(idx, n, self.device)
+        return self.data[key](x)
 
-FLEX_OPS = FlexOps()
+    def lookup(self, node, row, value):
+        if node not in self.data:
+            if self.n_q is None or self.n_k is None:
+                raise PatternError(f"{node.source()} draws its blocks for given sequence lengths, so its mask_mod "
+                                   "needs them", hint="pass n_q= and n_k= to to_flex (flex_block_mask does this for you)")
+            table = node.table(self.q_offset + self.n_q, self.n_k).to(self.device)       # [rows, width]
+            self.data[node] = (table.shape[0] - 1, [table[:, c].contiguous() for c in range(table.shape[1])])
+        last, columns = self.data[node]
+        r = torch.clamp(row, 0, last)
+        out = columns[0][r] == value
+        for col in columns[1:]:
+            out = out | (col[r] == value)
+        return out
+
+    def ids(self, name: str, side: str, x):
+        key = ("ids", name)
+        if key not in self.data:
+            self.data[key] = _ids(name, self.runtime, self.device)
+        q_ids, k_ids = self.data[key]
+        if side == "q":
+            return q_ids[self.b, torch.clamp(x - self.q_offset, 0, q_ids.shape[1] - 1)]
+        return k_ids[self.b, torch.clamp(x, 0, k_ids.shape[1] - 1)]
+
+
+def _cond(x):
+    """x as a condition: a number is true where it is not 0 (as in Python)."""
+    if isinstance(x, torch.Tensor):
+        return x if x.dtype == torch.bool else x != 0
+    return x if x is None else bool(x)
 
 
 def _bool(value, q, kv):
@@ -115,94 +167,30 @@ def _members(idx: frozenset, n: int | None, device):
     return big
 
 
-def _random(m: M.Random, n_q: int | None, n_k: int | None, device):
-    if n_q is None or n_k is None:
-        raise PatternError(f"random({m.count}, {m.block}, {m.seed}) draws its blocks for given sequence "
-                           "lengths, so its mask_mod needs them",
-                           hint="pass n_q= and n_k= to to_flex (flex_block_mask does this for you)")
-    chosen = M.random_blocks(m.count, m.block, m.seed, n_q, n_k).to(device)  # [n_qb, c]
-    if chosen.shape[1] == 0:
-        return lambda b, q, kv: _bool(False, q, kv)
-    last = chosen.shape[0] - 1
-    columns = [chosen[:, c].contiguous() for c in range(chosen.shape[1])]
-
-    def mod(b, q, kv):
-        qb = torch.clamp(q // m.block, 0, last)
-        kb = kv // m.block
-        out = columns[0][qb] == kb
-        for col in columns[1:]:
-            out = out | (col[qb] == kb)
-        return out
-    return mod
-
-
-def _same(m: M.Same, runtime: dict, device):
-    if m.name not in runtime:
-        raise PatternError(f"the mask reads runtime ids '{m.name}', so its mask_mod needs them",
-                           hint=f"pass runtime={{'{m.name}': <LongTensor [B, N]>}} to to_flex")
-    ids = runtime[m.name]
+def _ids(name: str, runtime: dict, device):
+    if name not in runtime:
+        raise PatternError(f"the mask reads runtime ids '{name}', so its mask_mod needs them",
+                           hint=f"pass runtime={{'{name}': <LongTensor [B, N]>}} to to_flex")
+    ids = runtime[name]
     q_ids, k_ids = ids if isinstance(ids, (tuple, list)) else (ids, ids)
     for what, t in (("query ids", q_ids), ("key ids", k_ids)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise PatternError(f"{what} for same({m.name}) must be a tensor [B, N], got {got}")
-    q_ids, k_ids = q_ids.to(device), k_ids.to(device)
-    lq, lk = q_ids.shape[1] - 1, k_ids.shape[1] - 1
+            raise PatternError(f"{what} for same({name}) must be a tensor [B, N], got {got}")
+    return q_ids.to(device), k_ids.to(device)
+
+
+def mask_fn(m: M.Mask, n_q=None, n_k=None, runtime=None, device=None, q_offset: int = 0):
+    """`f(b, q_idx, kv_idx) -> bool tensor` computing mask `m` pointwise (the body of a mask_mod); query row
+    `q_idx` is at position `q_offset + q_idx`."""
+    ops = FlexOps(n_q, n_k, runtime, device, q_offset)
+    probe = torch.zeros(1, dtype=torch.long, device=device)
+    m.at(probe + q_offset, probe, ops.bind(probe))      # builds the captured data now (errors surface here)
 
     def mod(b, q, kv):
-        return q_ids[b, torch.clamp(q, 0, lq)] == k_ids[b, torch.clamp(kv, 0, lk)]
+        out = m.at(q + q_offset if q_offset else q, kv, ops.bind(b))
+        return out & _bool(True, q, kv) if isinstance(out, torch.Tensor) else _bool(bool(out), q, kv)
     return mod
-
-
-def mask_fn(m: M.Mask, n_q=None, n_k=None, runtime=None, device=None):
-    """`f(b, q_idx, kv_idx) -> bool tensor` computing mask `m` pointwise (the body of a mask_mod)."""
-    runtime = runtime or {}
-    if isinstance(m, (M.Full, M.Empty)):
-        value = isinstance(m, M.Full)
-        return lambda b, q, kv: _bool(value, q, kv)
-    if isinstance(m, M.Band):
-        def band(b, q, kv):
-            d = q - kv
-            out = _bool(True, q, kv)
-            if m.lo is not None:
-                out = out & (d >= m.lo)
-            if m.hi is not None:
-                out = out & (d <= m.hi)
-            if m.step > 1:
-                out = out & (torch.remainder(d, m.step) == 0)
-            return out
-        return band
-    if isinstance(m, M.Rows):
-        member = _members(m.idx, n_q, device)
-        return lambda b, q, kv: member(q) | _bool(False, q, kv)
-    if isinstance(m, M.Cols):
-        member = _members(m.idx, n_k, device)
-        return lambda b, q, kv: member(kv) | _bool(False, q, kv)
-    if isinstance(m, M.Blocks):
-        return lambda b, q, kv: (q // m.size) == (kv // m.size)
-    if isinstance(m, M.Random):
-        return _random(m, n_q, n_k, device)
-    if isinstance(m, M.Same):
-        return _same(m, runtime, device)
-    if isinstance(m, M.Where):
-        def where(b, q, kv):
-            out = evaluate(m.pred, q, kv, FLEX_OPS)
-            return out & _bool(True, q, kv) if isinstance(out, torch.Tensor) else _bool(bool(out), q, kv)
-        return where
-    if isinstance(m, (M.Union, M.Inter)):
-        parts = [mask_fn(p, n_q, n_k, runtime, device) for p in m.parts]
-        is_union = isinstance(m, M.Union)
-
-        def combine(b, q, kv):
-            out = parts[0](b, q, kv)
-            for f in parts[1:]:
-                out = (out | f(b, q, kv)) if is_union else (out & f(b, q, kv))
-            return out
-        return combine
-    if isinstance(m, M.Not):
-        inner = mask_fn(m.part, n_q, n_k, runtime, device)
-        return lambda b, q, kv: ~inner(b, q, kv)
-    raise TypeError(f"not a mask: {m!r}")
 
 
 def _stages(op, stage: str | None):
@@ -213,21 +201,25 @@ def _stages(op, stage: str | None):
 
 
 def to_flex(op, stage: str | None = None, *, n_q: int | None = None, n_k: int | None = None,
-            runtime: dict | None = None, device=None):
+            runtime: dict | None = None, device=None, q_offset: int = 0):
     """A FlexAttention `mask_mod(b, h, q_idx, kv_idx)` whose mask equals `op.mask(n_q, n_k, stage)`.
 
     Per-head programs (`heads[a:b] attend ...`) select each head's mask by `h`. `random(...)` masks need
     the lengths `n_q`, `n_k` (the draw depends on them); `same(name)` masks need `runtime={name: ids}`
     with ids `[B, N]` (or a pair `(q_ids [B, N_q], k_ids [B, N_k])`). Captured tensors live on `device`.
+    With `q_offset = o`, query row `q_idx` is at position `o + q_idx`: the mask_mod gives rows o .. o + n_q - 1
+    of the mask of `o + n_q` queries (`random` draws for those `o + n_q`).
     The mask_mod reproduces the mask; `flex_attention` with it reproduces the op only for softmax stages.
     """
     n_k = n_q if n_k is None else n_k
     for nm, n in (("n_q", n_q), ("n_k", n_k)):
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
             raise PatternError(f"{nm} must be an int >= 0, got {n!r}")
+    if not isinstance(q_offset, int) or isinstance(q_offset, bool) or q_offset < 0:
+        raise PatternError(f"q_offset must be an int >= 0, got {q_offset!r}")
     if runtime is not None and not isinstance(runtime, dict):
         raise PatternError(f"runtime must be a dict of id tensors, got {type(runtime).__name__}")
-    pieces = [(heads, mask_fn(st.mask, n_q, n_k, runtime, device)) for heads, st in _stages(op, stage)]
+    pieces = [(heads, mask_fn(st.mask, n_q, n_k, runtime, device, q_offset)) for heads, st in _stages(op, stage)]
     if len(pieces) == 1:
         only = pieces[0][1]
 
@@ -246,7 +238,7 @@ def to_flex(op, stage: str | None = None, *, n_q: int | None = None, n_k: int | 
 
 def flex_block_mask(op, B: int | None, H: int | None, n_q: int, n_k: int | None = None, device="cpu",
                     BLOCK_SIZE: int | tuple[int, int] = 128, stage: str | None = None,
-                    runtime: dict | None = None):
+                    runtime: dict | None = None, q_offset: int = 0):
     """The FlexAttention `BlockMask` of `op`'s mask for `[B, H, n_q, D]` queries and `n_k` keys.
 
     `B` and `H` may be None (broadcast) unless the mask reads runtime ids (per batch) or differs per head.
@@ -269,5 +261,5 @@ def flex_block_mask(op, B: int | None, H: int | None, n_q: int, n_k: int | None 
     if reads and B is None:
         raise PatternError(f"the mask reads runtime ids ({', '.join(reads)}) per batch element, so B cannot be None",
                            hint="pass the batch size B matching the ids [B, N]")
-    mask_mod = to_flex(op, stage, n_q=n_q, n_k=n_k, runtime=runtime, device=device)
+    mask_mod = to_flex(op, stage, n_q=n_q, n_k=n_k, runtime=runtime, device=device, q_offset=q_offset)
     return create_block_mask(mask_mod, B, H, n_q, n_k, device=device, BLOCK_SIZE=BLOCK_SIZE)

@@ -5,24 +5,21 @@ taken) run in the lowering, which reports them at the same source positions.
 """
 from __future__ import annotations
 
-from ..errors import PatternError, Source, did_you_mean
+from ..errors import PatternError, did_you_mean
 from . import ast
 from .signatures import CONSTANTS, INDEX_VARS, INPUT, OPTIONS, SIGNATURES
 
 
-def check_module(module: ast.Module, source: Source | None = None) -> None:
-    """Raise the first PatternError found in `module`."""
-    try:
-        if not module.patterns:
-            raise PatternError("no pattern in this file", None, hint="a file holds `pattern NAME(...) { ... }`")
-        seen: dict[str, ast.Pattern] = {}
-        for p in module.patterns:
-            if p.name in seen:
-                raise PatternError(f"pattern '{p.name}' is defined twice", p.span)
-            seen[p.name] = p
-            _Checker(p).run()
-    except PatternError as e:
-        raise (e.with_source(source) if source else e) from None
+def check_module(module: ast.Module) -> None:
+    """Raise the first PatternError found in `module` (spanned; the public entry attaches the source)."""
+    if not module.patterns:
+        raise PatternError("no pattern in this file", None, hint="a file holds `pattern NAME(...) { ... }`")
+    seen: dict[str, ast.Pattern] = {}
+    for p in module.patterns:
+        if p.name in seen:
+            raise PatternError(f"pattern '{p.name}' is defined twice", p.span)
+        seen[p.name] = p
+        _Checker(p).run()
 
 
 class _Checker:

@@ -10,19 +10,22 @@ import functools
 import re
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, Tree, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from ..errors import PatternError, Source, Span, did_you_mean
 from . import ast
+from .limits import INT_LIMIT, float_literal, int_literal
+from .nesting import WATCHED, Node, OpenLevels, check_depth, rebalance
 
-MAX_DEPTH = 200  # nesting limit of expressions; deeper programs get a PatternError, never a RecursionError
+
+_DIGITS = re.compile(r"[0-9]+")
 
 
 @functools.lru_cache(maxsize=1)
 def _lark() -> Lark:
     grammar = (Path(__file__).parent / "attn.lark").read_text()
-    return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True, tree_class=Node)
 
 
 def _span(meta_or_tok) -> Span:
@@ -36,9 +39,8 @@ def _unescape(s: str) -> str:
     return re.sub(r"\\(.)", r"\1", s[1:-1])
 
 
-@v_args(meta=True)
-class _Build(Transformer):
-    """One method per grammar rule, each building an AST node with its span."""
+class _Build:
+    """One method per grammar rule, each building an AST node with its span (called by `_transform`)."""
 
     def start(self, meta, items):
         return ast.Module(tuple(items))
@@ -135,9 +137,25 @@ class _Build(Transformer):
         return ast.UnaryOp("~", items[0], _span(meta))
 
     def number(self, meta, items):
-        text = str(items[0])
-        value = int(text) if re.fullmatch(r"\d+", text) else float(text)
-        return ast.Num(value, _span(items[0]))
+        text, span = str(items[0]), _span(items[0])
+        value = int_literal(text, span) if text.isdigit() else float_literal(text, span)
+        return ast.Num(value, span)
+
+    def int_set(self, meta, items):
+        """`{0, 5, 9}` lexed as one token: its elements, each with its own span."""
+        tok, nums = items[0], []
+        short = len(str(INT_LIMIT)) - 1   # digits that are surely below the limit
+        for k, text in enumerate(tok.value.split("\n")):
+            line, shift = tok.line + k, (tok.column if k == 0 else 1)
+            for m in _DIGITS.finditer(text):
+                a, b = m.span()
+                span = Span(line, a + shift, line, b + shift)
+                digits = m.group()
+                nums.append(ast.Num(int(digits) if b - a <= short else int_literal(digits, span), span))
+        return ast.SetLit(tuple(nums), _span(tok))
+
+    def paren(self, meta, items):
+        return items[0]
 
     def true(self, meta, items):
         return ast.Bool(True, _span(meta))
@@ -170,15 +188,12 @@ class _Build(Transformer):
     def kwarg(self, meta, items):
         return ast.Keyword(str(items[0]), items[1], _span(items[0]))
 
-    def arg(self, meta, items):
-        return items[0]
-
     def set_lit(self, meta, items):
         return ast.SetLit(tuple(x for x in items if x is not None), _span(meta))
 
 
 _READABLE = {"NAME": "a name", "NUMBER": "a number", "STRING": "a string", "CMP": "a comparison",
-             "MULOP": "'*', '/', '//' or '%'", "$END": "the end of the file"}
+             "MULOP": "'*', '/', '//' or '%'", "INTSET": "'{'", "$END": "the end of the file"}
 
 
 def _expected(names) -> str:
@@ -202,8 +217,12 @@ def _expected(names) -> str:
 def _syntax_error(e: UnexpectedInput, text: str) -> PatternError:
     if isinstance(e, UnexpectedCharacters):
         ch = text[e.pos_in_stream] if 0 <= e.pos_in_stream < len(text) else "?"
-        return PatternError(f"unexpected character {ch!r}", Span(e.line, e.column, e.line, e.column + 1),
-                            hint=_expected(e.allowed) if e.allowed else None)
+        hint = _expected(e.allowed) if e.allowed else None
+        if not ch.isascii() and (ch.isdigit() or ch.isnumeric()):
+            hint = "numbers are written with the ASCII digits 0-9"
+        elif not ch.isascii() and ch.isalpha():
+            hint = "names are ASCII: letters A-Z, a-z, digits and _"
+        return PatternError(f"unexpected character {ch!r}", Span(e.line, e.column, e.line, e.column + 1), hint=hint)
     if isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type == "$END"):
         lines = text.splitlines() or [""]
         return PatternError("unexpected end of file", Span(len(lines), len(lines[-1]) + 1),
@@ -213,68 +232,44 @@ def _syntax_error(e: UnexpectedInput, text: str) -> PatternError:
                         hint=_expected(e.expected))
 
 
-ASSOCIATIVE = ("union_op", "inter_op", "or_op", "and_op")   # chains of these are rebalanced, not nested
+def _parse_tree(text: str) -> Tree:
+    """lark's LALR loop (as `Lark.parse` runs it), with the nesting limits checked at every token."""
+    parser = _lark().parse_interactive(text)
+    state, levels, tok = parser.parser_state, OpenLevels(), None
+    for tok in parser.lexer_thread.lex(state):
+        state.feed_token(tok)
+        if tok.type in WATCHED:
+            levels.shifted(tok, state.value_stack)
+    end = Token.new_borrow_pos("$END", "", tok) if tok is not None else Token("$END", "", 0, 1, 1)
+    return state.feed_token(end, True)
 
 
-def _rebalance(tree: Tree) -> Tree:
-    """Left-leaning chains of one associative operator (`a | b | c | ...`, as the LALR grammar builds them)
-    become balanced trees, so a long flat union is log-deep, not as deep as it is long. Iterative."""
-    stack = [tree]
+def _transform(tree: Tree):
+    """The AST of a lark tree: `_Build`'s method per rule, bottom-up, without recursion."""
+    build, out = _Build(), []
+    stack: list = [(tree, False)]
     while stack:
-        node = stack.pop()
-        for k, child in enumerate(node.children):
-            if not isinstance(child, Tree):
-                continue
-            if child.data in ASSOCIATIVE and isinstance(child.children[0], Tree) \
-                    and child.children[0].data == child.data:
-                operands, spine = [], child
-                while isinstance(spine, Tree) and spine.data == child.data:
-                    operands.append(spine.children[1])
-                    spine = spine.children[0]
-                operands.append(spine)
-                node.children[k] = child = _balanced(child.data, operands[::-1], child.meta)
-            stack.append(child)
-    return tree
-
-
-def _balanced(data: str, operands: list, meta) -> Tree:
-    """A balanced tree of `data` over `operands` (left to right), built bottom-up."""
-    level = list(operands)
-    while len(level) > 1:
-        pairs = [Tree(data, [level[i], level[i + 1]], meta) for i in range(0, len(level) - 1, 2)]
-        level = pairs + ([level[-1]] if len(level) % 2 else [])
-    return level[0]
-
-
-def _check_depth(tree: Tree) -> None:
-    """Bound the tree depth iteratively, before the recursive transformer sees it."""
-    stack = [(tree, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            meta = node.meta if isinstance(node, Tree) else node
-            raise PatternError(f"expression nested too deeply (limit {MAX_DEPTH} levels)", _span(meta),
-                               hint="split it into named values: local = ...")
-        if isinstance(node, Tree):
-            stack.extend((c, depth + 1) for c in node.children if isinstance(c, Tree))
+        node, ready = stack.pop()
+        if not isinstance(node, Tree):
+            out.append(node)
+        elif not ready:
+            stack.append((node, True))
+            stack.extend((c, False) for c in reversed(node.children))
+        else:
+            n = len(node.children)
+            items = out[len(out) - n:]
+            del out[len(out) - n:]
+            out.append(getattr(build, node.data)(node.meta, items))
+    return out[0]
 
 
 def parse_module(text: str, name: str = "<string>") -> ast.Module:
-    """Parse `.attn` text into an `ast.Module`; syntax errors are PatternErrors pointing at the token."""
-    source = Source(text, name)
+    """Parse `.attn` text into an `ast.Module`; syntax errors are PatternErrors pointing at the token (the
+    public entry, `patterndsl.api`, attaches the source to them)."""
     try:
-        tree = _rebalance(_lark().parse(text))
-        _check_depth(tree)
-        module = _Build().transform(tree)
+        tree = rebalance(_parse_tree(text))
     except UnexpectedInput as e:
-        raise _syntax_error(e, text).with_source(source) from None
-    except VisitError as e:
-        if isinstance(e.orig_exc, PatternError):
-            raise e.orig_exc.with_source(source) from None
-        raise
-    except PatternError as e:
-        raise e.with_source(source) from None
-    except RecursionError:
-        raise PatternError(f"program nested too deeply (limit {MAX_DEPTH} levels)", Span(1, 1),
-                           source=source) from None
-    return ast.Module(module.patterns, source)
+        raise _syntax_error(e, text) from None
+    check_depth(tree)
+    module = _transform(tree)
+    return ast.Module(module.patterns, Source(text, name))

@@ -1,7 +1,7 @@
 """The printer: AST back to canonical `.attn` text, so that `parse(print(parse(x))) == parse(x)`.
 
 >>> from patterndsl.grammar.parser import parse_module
->>> print(print_module(parse_module("pattern p(w:int=2){attend softmax over (sliding(w)|causal)&~full}")))
+>>> print(print_module(parse_module("pattern p(w:int=2){attend softmax over (sliding(w)|causal)&~full}")), end="")
 pattern p(w: int = 2) {
     attend softmax over (sliding(w) | causal) & ~full
 }

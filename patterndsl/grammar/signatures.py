@@ -71,7 +71,7 @@ SIGNATURES: dict[str, Signature] = {s.name: s for s in [
     _sig("favor", "featuremap", "FAVOR+ positive random features (Choromanski et al. 2021)",
          Arg("features", "int"), Arg("orthogonal", "bool", True), Arg("scaling", "int", 0),
          Arg("eps", "float", 1e-4), Arg("seed", "int", 0), Arg("redraw", "int", 0)),
-    _sig("relu", "featuremap", "relu(x W^T) + 1e-3 random features",
+    _sig("relu", "featuremap", "relu(x' W^T) + 1e-3 random features, x' = x d^-1/4",
          Arg("features", "int"), Arg("orthogonal", "bool", True), Arg("seed", "int", 0),
          Arg("redraw", "int", 0)),
     _sig("elu1", "featuremap", "elu(x) + 1 (Katharopoulos et al. 2020)"),

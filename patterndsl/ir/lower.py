@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..errors import PatternError, Span, did_you_mean
 from ..grammar import ast
+from ..grammar.limits import check_param, check_ranges
 from . import mask as M
 from .program import INPUT, Linear, Nested, ProgramIR, Softmax, Stage
 from .values import Env, evaluate, expect, type_name
@@ -17,14 +18,7 @@ from .verify import verify
 def lower(pattern: ast.Pattern, overrides: dict | None = None) -> ProgramIR:
     """Lower `pattern` with parameters `overrides` (the rest take their defaults)."""
     values = bind_params(pattern, overrides or {})
-    try:
-        prog = lower_body(pattern, values)
-    except PatternError as e:
-        if overrides:        # the caret points into the source; name the compile-time values behind it
-            given = ", ".join(f"{k}={_show(v)}" for k, v in overrides.items())
-            e.hint = f"{e.hint}; " if e.hint else ""
-            e.hint += f"with the parameters given at compile time: {given}"
-        raise
+    prog = lower_body(pattern, values)   # the public entry (api.Program.lower) names the parameters given
     verify(prog)
     return prog
 
@@ -77,6 +71,7 @@ def bind_params(pattern: ast.Pattern, overrides: dict) -> dict:
                 hint = "a set is a collection of token indices >= 0, e.g. {0, 5}" if p.type == "set" else None
                 raise PatternError(f"parameter '{p.name}' expects {p.type}, got {type(got).__name__} {shown}",
                                    p.span, hint=hint)
+            check_param(p.name, p.type, v, p.span)
         elif p.default is not None:
             v = expect(evaluate(p.default, Env(dict(values))), p.type, p.default.span,
                        f"the default of parameter '{p.name}'")
@@ -124,11 +119,14 @@ def lower_body(pattern: ast.Pattern, params: dict) -> ProgramIR:
             tensor_params.append((st.name, length))
             env.tensors.add(st.name)
         elif isinstance(st, ast.Let) and not isinstance(st.value, ast.Attend):
-            env.values[st.name] = evaluate(st.value, env)
+            value = evaluate(st.value, env)
+            check_ranges((st.value,), env.values, lambda e: evaluate(e, env))   # values fit what backends compute
+            env.values[st.name] = value
         elif isinstance(st, (ast.Let, ast.Attend)):
             att = st.value if isinstance(st, ast.Let) else st
             name = st.name if isinstance(st, ast.Let) else f"_{k}"
             stages[name] = _stage(name, att, env)
+            check_ranges((att.normaliser, att.mask), env.values, lambda e: evaluate(e, env))
             spans[name] = att.span
             order.append(name)
             if isinstance(st, ast.Attend):

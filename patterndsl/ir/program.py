@@ -28,7 +28,7 @@ class Softmax:
 
 @dataclass(frozen=True)
 class Favor:
-    """FAVOR+ positive random features (Choromanski et al. 2021), see DESIGN.md §3."""
+    """FAVOR+ positive random features (Choromanski et al. 2021), see docs/language.md §5.2."""
     features: int
     orthogonal: bool = True
     scaling: int = 0

@@ -205,22 +205,14 @@ def _binary_pred(e: ast.BinOp, a, b):
 
 # ------------------------------------------------------------------------------------------------- calls
 def _bind_args(e: ast.Call) -> dict:
-    sig = SIGNATURES.get(e.func)
-    if sig is None:
-        raise _err(f"unknown function '{e.func}'", e.span)
-    bound: dict = {}
-    for a, arg in zip(sig.args, e.args):
-        bound[a.name] = arg
-    if len(e.args) > len(sig.args):
-        raise _err(f"{e.func} takes {len(sig.args)} arguments, got {len(e.args)}", e.args[len(sig.args)].span,
-                   hint=sig.describe())
-    for kw in e.kwargs:
-        bound[kw.name] = kw.value
+    """Arguments by name (the checker has matched them against the signature)."""
+    bound = dict(zip((a.name for a in SIGNATURES[e.func].args), e.args))
+    bound.update((kw.name, kw.value) for kw in e.kwargs)
     return bound
 
 
 def _call(e: ast.Call, env: Env):
-    sig = SIGNATURES.get(e.func)
+    sig = SIGNATURES[e.func]
     bound = _bind_args(e)
     if e.func == "where":
         inner = Env(env.values, env.tensors, in_where=True)
@@ -230,10 +222,8 @@ def _call(e: ast.Call, env: Env):
         if not isinstance(pred, (P.Cmp, P.Logic)):
             raise _err("where(...) needs a condition (a comparison or and/or/not)", bound["predicate"].span)
         return M.Where(pred)
-    if e.func in ("same", "nested"):
+    if e.func in ("same", "nested"):   # the checker has made sure the argument is a name
         arg = bound[sig.args[0].name]
-        if not isinstance(arg, ast.Name):
-            raise _err(f"{e.func} takes a name", arg.span)
         return M.Same(arg.id) if e.func == "same" else Nested(arg.id)
     vals, spans = {}, {}
     for a in sig.args:
@@ -248,7 +238,18 @@ def _call(e: ast.Call, env: Env):
         return P.Call(e.func, tuple(_as_pred(vals[a.name], spans[a.name]) for a in sig.args))
     for a in sig.args:
         vals[a.name] = expect(vals[a.name], a.type, spans[a.name], f"argument '{a.name}' of {e.func}")
+    if e.func in M.BUILDERS:
+        return _build_mask(M.BUILDERS[e.func], sig, vals, spans)
     return _BUILD[e.func](vals, spans)
+
+
+def _build_mask(builder, sig, vals, spans):
+    """A mask primitive from checked values: its `Builder` says which bounds and index sets to check."""
+    for name, (low, what) in builder.at_least.items():
+        _at_least(vals, spans, name, low, what)
+    for name in builder.indices:
+        vals[name] = _indices(vals, spans, name)
+    return builder.make(*(vals[a.name] for a in sig.args))
 
 
 def _at_least(vals, spans, name, low, what=None):
@@ -284,17 +285,6 @@ def _favor(v, s):
 
 
 _BUILD = {
-    "sliding": lambda v, s: M.sliding(_at_least(v, s, "width", 0, "window width"),
-                                      _at_least(v, s, "dilation", 1)),
-    "window": lambda v, s: M.window(_at_least(v, s, "before", 0), _at_least(v, s, "after", 0),
-                                    _at_least(v, s, "dilation", 1)),
-    "global": lambda v, s: M.global_(_indices(v, s, "tokens")),
-    "rows": lambda v, s: M.rows(_indices(v, s, "tokens")),
-    "cols": lambda v, s: M.cols(_indices(v, s, "tokens")),
-    "blocks": lambda v, s: M.blocks(_at_least(v, s, "size", 1, "block size")),
-    "strided": lambda v, s: M.strided(_at_least(v, s, "stride", 1)),
-    "random": lambda v, s: (M.Random(_at_least(v, s, "count", 0), _at_least(v, s, "block", 1, "block size"),
-                                     _at_least(v, s, "seed", 0)) if v["count"] else M.EMPTY),
     "range": _range,
     "abs": lambda v, s: abs(v["x"]),
     "min": lambda v, s: min(v["a"], v["b"]),

@@ -22,20 +22,10 @@ def _check(cond: bool, msg: str):
 
 
 def verify_mask(m: M.Mask) -> None:
+    """Each node's own invariants (`Mask.problems`, defined with the node)."""
     for node in M.walk(m):
-        if isinstance(node, M.Band):
-            _check(node.step >= 1, f"band step {node.step} < 1")
-            _check(node.lo is None or node.hi is None or node.lo <= node.hi, f"empty band {node} not folded")
-            _check(node != M.Band(None, None, 1), "full band not folded")
-        elif isinstance(node, (M.Rows, M.Cols)):
-            _check(bool(node.idx) and min(node.idx) >= 0, f"bad index set in {node}")
-        elif isinstance(node, (M.Union, M.Inter)):
-            _check(len(node.parts) >= 2, f"{type(node).__name__} of fewer than two parts")
-            _check(list(node.parts) == sorted(node.parts, key=lambda p: p.sort_key()), "parts not sorted")
-        elif isinstance(node, M.Blocks):
-            _check(node.size >= 2, f"blocks({node.size}) not folded")
-        elif isinstance(node, M.Random):
-            _check(node.count >= 1 and node.block >= 1, f"bad {node}")
+        for problem in node.problems():
+            raise IRError(problem)
 
 
 def verify(prog: ProgramIR) -> None:

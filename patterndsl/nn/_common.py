@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import PatternError
+from ..inputs import check_key_padding_mask
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -42,15 +43,9 @@ def check_input(x, embed_dim: int, name: str = "x", dtype: torch.dtype | None = 
 
 
 def check_padding(mask, x: torch.Tensor, name: str = "key_padding_mask"):
-    """None, or a bool (B, N) tensor for `x` (B, N, E)."""
-    if mask is None:
-        return None
-    B, N = x.shape[:2]
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (B, N):
-        got = (f"{mask.dtype} ({', '.join(map(str, mask.shape))})" if isinstance(mask, torch.Tensor)
-               else type(mask).__name__)
-        raise PatternError(f"{name} must be a bool tensor ({B}, {N}) (True = padding), got {got}")
-    return mask.to(x.device)
+    """None, or a bool (B, N) tensor for `x` (B, N, E), on x's device (the op's message when it is not)."""
+    check_key_padding_mask(mask, x.shape[0], x.shape[1], name)
+    return None if mask is None else mask.to(x.device)
 
 
 def make_op(program, backend: str = "auto", **params):

@@ -6,7 +6,7 @@
 >>> x.shape, p.shape
 (torch.Size([2, 10, 16]), torch.Size([2, 3, 16]))
 
-Bidirectional (tied keys and values, DESIGN.md §3), with `P` the packed sequence `(B, l, E)`:
+Bidirectional (tied keys and values, docs/language.md §4.3), with `P` the packed sequence `(B, l, E)`:
     pack:    Yp = softmax(pq(P) dp^-1/2 . C^T) C,  C = pc(X)   (per packed head; padded X masked; no out proj)
     unpack:  Y  = out(softmax(q(X) dh^-1/2 . K^T) V),  K = V = c(Yp)
     post-LN: XA = LN(X + Y), P' = LN_p(P + Yp), X' = LN_f(XA + FFN(XA))   (P has no FFN)

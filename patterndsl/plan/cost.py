@@ -20,29 +20,8 @@ N = sympy.Symbol("N", positive=True)
 
 
 def pairs(m: M.Mask) -> sympy.Expr:
-    """Allowed (i, j) pairs of an N x N mask, as an expression in N."""
-    if isinstance(m, M.Full):
-        return N ** 2
-    if isinstance(m, M.Empty):
-        return sympy.Integer(0)
-    if isinstance(m, M.Band):
-        if m.lo is not None and m.hi is not None:
-            return N * ((m.hi - m.lo) // m.step + 1)
-        if m.lo is None and m.hi is None:
-            return N ** 2 / m.step
-        return N ** 2 / (2 * m.step)
-    if isinstance(m, (M.Rows, M.Cols)):
-        return len(m.idx) * N
-    if isinstance(m, M.Blocks):
-        return m.size * N
-    if isinstance(m, M.Random):
-        return m.count * m.block * N
-    if isinstance(m, M.Union):  # a sum: an upper bound, exact when the parts are disjoint to first order
-        total = sympy.Add(*[pairs(p) for p in m.parts])
-        return N ** 2 if sympy.degree(total, N) > 2 or total.subs(N, 1 << 20) > (1 << 40) else total
-    if isinstance(m, M.Inter):  # bounded by its sparsest part
-        return min((pairs(p) for p in m.parts), key=lambda e: float(e.subs(N, 1 << 20)))
-    return N ** 2  # where, same, complements: bounded by the dense count
+    """Allowed (i, j) pairs of an N x N mask, as an expression in N (each node counts its own: `Mask.pairs`)."""
+    return sympy.sympify(m.pairs(N))
 
 
 def complexity(expr: sympy.Expr) -> str:

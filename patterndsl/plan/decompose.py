@@ -121,11 +121,12 @@ def _hi(b: M.Band) -> float:
     return float("inf") if b.hi is None else b.hi
 
 
-def in_classes(band: M.Band) -> M.Band | M.Full:
-    """The band in the coordinates of its residue classes (`a - b = (i - j) / step`), of step 1."""
+def in_classes(band: M.Band, shift: int = 0) -> M.Band | M.Full:
+    """The band in the coordinates of its residue classes (`a - b = (i - j) / step`), of step 1; `shift`
+    moves the query classes (a query offset of `shift * step` positions: `a + shift - b` in the band)."""
     s = band.step
-    lo = None if band.lo is None else -((-band.lo) // s)
-    hi = None if band.hi is None else band.hi // s
+    lo = None if band.lo is None else -((-band.lo) // s) - shift
+    hi = None if band.hi is None else band.hi // s - shift
     return M.band(lo, hi, 1)
 
 

@@ -38,6 +38,12 @@ def bucket(n: int) -> int:
     return max(int(n) - 1, 0).bit_length()
 
 
+def offset_class(q_offset: int) -> int:
+    """The shape-class bucket of a query offset: 0 for none, else its length bucket plus one (a lowering's
+    applicability may depend on whether there is an offset, never on its exact value)."""
+    return 0 if not q_offset else bucket(q_offset) + 1
+
+
 @dataclass(frozen=True)
 class Problem:
     """A stage at one call's shapes: what a lowering is asked to run."""
@@ -53,6 +59,17 @@ class Problem:
     padded: bool = False        # a key padding mask is given
     grad: bool = False          # a backward will run
     packed: int = 0             # nested stages: the packed length l
+    kv_heads: int = 0           # heads of k and v (grouped-query attention); 0: as many as the queries
+    q_offset: int = 0           # query row r is at position q_offset + r (one int: per-batch offsets run apart)
+
+    @property
+    def h_kv(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
+    def groups(self) -> int:
+        """Query heads per kv head."""
+        return max(self.heads // max(self.h_kv, 1), 1)
 
     @property
     def kind(self) -> str:
@@ -67,11 +84,11 @@ class Problem:
         return torch.finfo(self.dtype).bits // 8
 
     def shape_class(self) -> tuple:
-        """Problems of one class share a plan: lengths by power-of-two bucket (and whether they are multiples
-        of 128, which some lowerings need), everything else exact."""
+        """Problems of one class share a plan: lengths and query offsets by power-of-two bucket (and whether
+        lengths are multiples of 128, which some lowerings need), everything else exact."""
         return (self.batch, self.heads, bucket(self.n_q), bucket(self.n_k), self.n_q % 128 == 0,
                 self.n_k % 128 == 0, self.head_dim, self.head_dim_v, self.dtype, self.device, self.padded,
-                self.grad, self.packed)
+                self.grad, self.packed, self.h_kv, offset_class(self.q_offset))
 
 
 @dataclass(frozen=True)
@@ -107,8 +124,10 @@ class Lowering:
     """One way to run a kind of stage on a backend (see the module docstring).
 
     `run` has the backend method's signature for its kind: `run(stage, q, k, v, *, scale, key_padding_mask,
-    runtime)` (softmax), `(..., *, projection, key_padding_mask)` (linear), `(..., *, p, c, key_padding_mask)`
-    (nested). `last_resort` lowerings (the reference) are chosen by `auto` only when nothing else applies.
+    runtime, q_offset)` (softmax), `(..., *, projection, key_padding_mask, q_offset)` (linear),
+    `(..., *, p, c, key_padding_mask, q_offset)` (nested); k, v may have fewer heads than q (grouped-query
+    attention) and `q_offset` is one int (per-batch offsets are run one offset at a time by the op).
+    A lowering that cannot serve grouped heads or an offset says so in `applies`. `last_resort` lowerings (the reference) are chosen by `auto` only when nothing else applies.
     `ready(problem)` says whether its one-time cost (a compile) is already paid in this process;
     `any_length` whether it runs when torch.compile traces it with symbolic lengths; `explicit(problem)`
     gives why `auto` must not take it there (None: it may), e.g. Triton's CPU interpreter.

@@ -122,18 +122,21 @@ def _stage_lines(s: StagePlan, n: int) -> list[str]:
 
 
 def make_plan(op, seq_len: int, head_dim: int = 64, device=torch.device("cpu"), dtype=torch.float32,
-              batch: int = 1, heads: int | None = None, grad: bool = False, **shape) -> Plan:
-    """The plan for `op` at these shapes (cached)."""
+              batch: int = 1, heads: int | None = None, grad: bool = False, kv_heads: int | None = None,
+              q_offset: int = 0) -> Plan:
+    """The plan for `op` at these shapes (cached); `kv_heads` < heads: grouped-query attention; `q_offset`:
+    the queries' first position."""
     from ..backends import declare_all
     declare_all()
     heads = heads or op.ir.num_heads or 4
     device = torch.device(device)
     return _plan(op.ir, int(seq_len), int(head_dim), device, dtype, op.backend, int(batch), int(heads),
-                 bool(grad), generation())
+                 bool(grad), generation(), int(kv_heads or heads), int(q_offset))
 
 
 @functools.lru_cache(maxsize=512)
-def _plan(ir: ProgramIR, seq_len, head_dim, device, dtype, requested, batch, heads, grad, gen) -> Plan:
+def _plan(ir: ProgramIR, seq_len, head_dim, device, dtype, requested, batch, heads, grad, gen, kv_heads=0,
+          q_offset=0) -> Plan:
     consts = device_constants(device)
     elt = torch.finfo(dtype).bits // 8
     rows = lengths(ir)
@@ -142,7 +145,10 @@ def _plan(ir: ProgramIR, seq_len, head_dim, device, dtype, requested, batch, hea
         n_q, n_k = (int(rows[x].subs(N, seq_len)) for x in (st.query, st.keys))
         h = heads if st.heads is None else st.heads[1] - st.heads[0]
         packed = dict(ir.params).get(getattr(st.normaliser, "packed", None), 0)
-        problem = Problem(st, batch, h, n_q, n_k, head_dim, head_dim, dtype, device, False, grad, packed)
+        grouped = st.keys == "input" and kv_heads and heads % kv_heads == 0 and h % (heads // kv_heads) == 0
+        problem = Problem(st, batch, h, n_q, n_k, head_dim, head_dim, dtype, device, False, grad, packed,
+                          kv_heads=h // (heads // kv_heads) if grouped else h,
+                          q_offset=q_offset if st.query == "input" else 0)
         choice = choose(problem, requested, consts)
         symbolic = (rows[st.query], rows[st.keys])
         stages.append(_stage_plan(st, problem, choice, consts, seq_len, head_dim, elt, symbolic))
@@ -158,7 +164,7 @@ def _stage_plan(st: Stage, problem: Problem, choice: Choice, consts, seq_len, he
     block, tiles = None, None
     if problem.kind == "softmax" and st.query == "input" and st.keys == "input" and seq_len <= _MAX_TABULATED:
         block = _BLOCK
-        layout = tile_layout(st.mask, n_q, n_k, *block)
+        layout = tile_layout(st.mask, n_q, n_k, *block, q_offset=problem.q_offset)
         tiles = (layout.nnz, int((layout.cls == PARTIAL).sum()), max(layout.shape[0] * layout.shape[1], 1))
     lines = tuple(CandidateLine(cd.lowering.name, None if cd.prediction is None else cd.prediction.seconds,
                                 0.0 if cd.prediction is None else cd.prediction.once, cd.why_not,
@@ -207,7 +213,7 @@ def beats_dense_from(problem: Problem, choice: Choice, consts: Constants) -> int
         n_q = n if st.query == "input" else problem.n_q
         n_k = n if st.keys == "input" else problem.n_k
         p = Problem(st, problem.batch, problem.heads, n_q, n_k, problem.head_dim, problem.head_dim_v,
-                    problem.dtype, problem.device, False, problem.grad, problem.packed)
+                    problem.dtype, problem.device, False, problem.grad, problem.packed, problem.kv_heads)
         if lw.applies(p) is not None:
             continue
         dense = _dense_seconds(_dense_problem(p, n)[0], consts)

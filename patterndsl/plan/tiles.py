@@ -23,14 +23,18 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ir.masks.base import ranges_to_pairs  # noqa: F401  (the planner's helper, defined with the masks)
+
 
 @dataclass(frozen=True)
 class Grid:
-    """An `n_q x n_k` problem cut into `bm x bn` tiles (the last row/column of tiles may be ragged)."""
+    """An `n_q x n_k` problem cut into `bm x bn` tiles (the last row/column of tiles may be ragged); query row r
+    is at absolute position `q_offset + r`."""
     n_q: int
     n_k: int
     bm: int
     bn: int
+    q_offset: int = 0
 
     @property
     def nqb(self) -> int:
@@ -41,21 +45,12 @@ class Grid:
         return -(-self.n_k // self.bn)
 
     def row_bounds(self, a: torch.Tensor):
-        """First and last (inclusive) query index of query tiles `a`."""
-        return a * self.bm, torch.clamp((a + 1) * self.bm, max=self.n_q) - 1
+        """First and last (inclusive) absolute query position of query tiles `a`."""
+        return a * self.bm + self.q_offset, torch.clamp((a + 1) * self.bm, max=self.n_q) - 1 + self.q_offset
 
     def col_bounds(self, b: torch.Tensor):
         """First and last (inclusive) key index of key tiles `b`."""
         return b * self.bn, torch.clamp((b + 1) * self.bn, max=self.n_k) - 1
-
-
-def ranges_to_pairs(owner: torch.Tensor, start: torch.Tensor, end: torch.Tensor):
-    """Expand ranges: for each k, the pairs (owner[k], x) with x in [start[k], end[k]). Ordered by k, then x."""
-    count = (end - start).clamp(min=0)
-    rep = torch.repeat_interleave(torch.arange(owner.numel()), count)
-    offset = torch.cumsum(count, 0) - count
-    x = start[rep] + torch.arange(rep.numel()) - offset[rep]
-    return owner[rep], x
 
 
 @dataclass(frozen=True)
@@ -68,17 +63,18 @@ class TileLayout:
     row_ptr: torch.Tensor   # int64 [nqb + 1]
     col_idx: torch.Tensor   # int64 [nnz], ascending within a row
     cls: torch.Tensor       # int8 [nnz]: 1 partial, 2 full
+    q_offset: int = 0       # query row r is at absolute position q_offset + r
 
     @staticmethod
     def from_sorted(g: Grid, a: torch.Tensor, b: torch.Tensor, cls: torch.Tensor) -> "TileLayout":
         """From nonempty tiles (a, b) sorted by a, then b."""
         row_ptr = torch.zeros(g.nqb + 1, dtype=torch.long)
         row_ptr[1:] = torch.cumsum(torch.bincount(a, minlength=g.nqb), 0)
-        return TileLayout(g.n_q, g.n_k, g.bm, g.bn, row_ptr, b.long(), cls.to(torch.int8))
+        return TileLayout(g.n_q, g.n_k, g.bm, g.bn, row_ptr, b.long(), cls.to(torch.int8), g.q_offset)
 
     @property
     def grid(self) -> Grid:
-        return Grid(self.n_q, self.n_k, self.block_m, self.block_n)
+        return Grid(self.n_q, self.n_k, self.block_m, self.block_n, self.q_offset)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -99,7 +95,8 @@ class TileLayout:
         return out
 
     def transpose(self) -> "TileLayout":
-        """The layout of the transposed mask: per key tile, its nonempty query tiles."""
+        """The layout of the transposed mask: per key tile, its nonempty query tiles (as tile lists; the
+        transposed grid has no query offset)."""
         a = self.row_ids()
         order = torch.argsort(self.col_idx * self.shape[0] + a)
         g = Grid(self.n_k, self.n_q, self.block_n, self.block_m)
@@ -110,7 +107,8 @@ class TileLayout:
         total = max(nqb * nkb, 1)
         partial = int((self.cls == 1).sum())
         head = (f"TileLayout {self.n_q}x{self.n_k} in {self.block_m}x{self.block_n} tiles: {self.nnz} of "
-                f"{nqb * nkb} nonempty ({self.nnz / total:.1%}), {partial} partial")
+                f"{nqb * nkb} nonempty ({self.nnz / total:.1%}), {partial} partial"
+                + (f", queries from position {self.q_offset}" if self.q_offset else ""))
         if nqb > 64 or nkb > 64:
             return head
         rows = ["  " + "".join(".+#"[c] for c in r) for r in self.dense().tolist()]

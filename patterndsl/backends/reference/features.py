@@ -1,4 +1,4 @@
-"""Random-feature maps of linear attention: the projection draw and the maps phi(x) (DESIGN.md §3).
+"""Random-feature maps of linear attention: the projection draw and the maps phi(x) (docs/language.md §5.2).
 
 >>> import torch
 >>> from patterndsl.ir.program import Favor

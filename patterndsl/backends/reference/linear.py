@@ -1,75 +1,88 @@
-"""Reference linear attention (FAVOR+, relu, elu1), bidirectional and causal, per DESIGN.md §3.
+"""Reference linear attention (FAVOR+, relu, elu1), bidirectional and causal: the definition, row by row
+(docs/language.md §5.2).
 
-Bidirectional: `out = phi(Q) (phi(K)^T V) / (phi(Q) phi(K)^T 1)`.
+For query t and the unpadded keys j it may see (every key; when causal, j <= t):
+`out_t = sum_j (phi(q_t) . phi_t(k_j)) v_j / sum_j (phi(q_t) . phi_t(k_j))` (`features.py` defines phi).
+For relu and elu1, `phi_t(k_j) = phi(k_j)`. For FAVOR+ the key stabiliser is one max of `u = x' W^T` over the
+keys row t sees: all unpadded keys when bidirectional, the running max `r_t = max_{j <= t, f} u_jf` when causal
+(so no row reads the future; the last row equals the bidirectional output). Bidirectional rows are one dense
+`[N_q, N_k]` product; causal rows are computed one at a time from the keys they see, O(N^2 (m + D)) work: the
+naive twin of the torch backend's chunked scan (`backends/torch/linear_scan.py`).
 
-Causal, for query t and the unpadded keys j <= t:
-`out_t = sum_j (phi(q_t) . phi_t(k_j)) v_j / sum_j (phi(q_t) . phi_t(k_j))`.
-For relu and elu1, `phi_t(k_j) = phi(k_j)`. For FAVOR+ the key stabiliser of the bidirectional map (one max
-over *all* keys) would leak the future, so key features are stabilised by the running max
-`r_t = max_{j <= t, f} u_jf` of the keys seen so far: `phi_t(k_j) = m^-1/2 (exp(a_j - r_t) + eps)`
-(`u`, `a` as in `features.py`). The last row (t = N-1) therefore equals the bidirectional output, and
-changing a key j > t cannot change row t. Evaluation is by prefix sums over chunks of `chunk` keys: the
-state `S = sum_j exp(a_j - r_ref) v_j^T` is kept at the stabiliser `r_ref` of the previous chunk's last
-position and rescaled by `exp(r_ref - r_t) <= 1`; inside a chunk `exp(a_j - r_t)` is formed as
-`exp(a_j - r_j) exp(r_j - r_t)`, both factors <= 1, so nothing overflows and nothing reads the future.
-
-A row with no unpadded key outputs zeros. fp16/bf16 inputs are computed in float32; float32 and float64
-stay as they are.
+Nothing an output must not depend on reaches it: padded keys are replaced by zeros before any product, and
+a causal row's computation never holds a later key, so a NaN or Inf there changes neither the row nor any
+gradient through it. A row with no unpadded key outputs zeros. fp16/bf16 inputs are computed in float32.
 """
 from __future__ import annotations
 
 import torch
 
 from ...ir.program import Favor, ReluFeatures
-from .features import elu1_features, favor_exponent, favor_features, relu_features
+from .features import elu1_features, favor_features, relu_features
 
-CHUNK = 64
 _LOW = (torch.float16, torch.bfloat16)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map, projection: torch.Tensor | None,
                      causal: bool = False, key_padding_mask: torch.Tensor | None = None,
-                     chunk: int = CHUNK) -> torch.Tensor:
+                     q_offset: int = 0) -> torch.Tensor:
     """Linear attention. q `[B, H, N_q, D]`, k `[B, H, N_k, D]`, v `[B, H, N_k, D_v]`, projection `[m, D]`
     (None for elu1), `key_padding_mask` bool `[B, N_k]` (True = ignored key). Returns `[B, H, N_q, D_v]` in
-    q's dtype. Causal: query t sees keys j <= t, by prefix sums over chunks of `chunk` keys.
+    q's dtype. Causal: query row r, at position t = q_offset + r, sees keys j <= t (keys past the last query
+    are cut, missing ones are padding).
     """
     dtype = q.dtype
     work = torch.float32 if dtype in _LOW else dtype
     q, k, v = q.to(work), k.to(work), v.to(work)
     w = projection.to(work) if projection is not None else None
-    B, _, n_k = k.shape[:3]
-    valid = (torch.ones(B, n_k, dtype=torch.bool, device=k.device) if key_padding_mask is None
-             else ~key_padding_mask.to(k.device))
+    valid = valid_keys(k, key_padding_mask)
     if causal:
-        k, v, valid = _align_keys(q.shape[2], k, v, valid)
-        out = _causal(q, k, v, valid, feature_map, w, chunk)
-    else:
-        out = _bidirectional(q, k, v, valid, feature_map, w)
-    return out.to(dtype)
+        k, v, valid = align_keys(q_offset + q.shape[2], k, v, valid)
+    k, v = (torch.where(valid[:, None, :, None], x, 0.0) for x in (k, v))
+    fq = query_features(q, feature_map, w)
+    if not causal:
+        return _rows(fq, k, v, valid, feature_map, w).to(dtype)
+    ends = [q_offset + r + 1 for r in range(q.shape[2])]
+    rows = [_rows(fq[:, :, r:r + 1], k[:, :, :t], v[:, :, :t], valid[:, :t], feature_map, w)
+            for r, t in enumerate(ends)]
+    return (torch.cat(rows, 2) if rows else q.new_zeros(*q.shape[:3], v.shape[3])).to(dtype)
 
 
-def _features(x: torch.Tensor, fm, w, is_query: bool, valid=None) -> torch.Tensor:
+def _rows(fq, k, v, valid, fm, w) -> torch.Tensor:
+    """Rows with query features `fq` over the keys `k`, `v` (all of which they see, but the padded ones)."""
+    a = torch.matmul(fq, key_features(k, fm, w, valid).transpose(-1, -2))      # [B, H, n_q, n_k]
+    a = torch.where(valid[:, None, None, :], a, 0.0)
+    return ratio(torch.matmul(a, v), a.sum(-1))
+
+
+def query_features(q, fm, w) -> torch.Tensor:
     if isinstance(fm, Favor):
-        return favor_features(x, w, is_query, fm.eps, valid=valid)
-    phi = relu_features(x, w) if isinstance(fm, ReluFeatures) else elu1_features(x)
-    return phi if valid is None else phi * valid[:, None, :, None]
+        return favor_features(q, w, True, fm.eps)
+    return relu_features(q, w) if isinstance(fm, ReluFeatures) else elu1_features(q)
 
 
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+def key_features(k, fm, w, valid) -> torch.Tensor:
+    """Key features, zero on padded keys; FAVOR+'s stabiliser is the max over these unpadded keys."""
+    if isinstance(fm, Favor):
+        return favor_features(k, w, False, fm.eps, valid=valid)
+    phi = relu_features(k, w) if isinstance(fm, ReluFeatures) else elu1_features(k)
+    return torch.where(valid[:, None, :, None], phi, 0.0)
+
+
+def valid_keys(k: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """bool `[B, N_k]`: the keys that count."""
+    if key_padding_mask is None:
+        return torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+    return ~key_padding_mask.to(k.device)
+
+
+def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den with 0 where den == 0 (no key), NaN-free in value and gradient."""
     empty = den == 0
     return torch.where(empty[..., None], torch.zeros_like(num), num / torch.where(empty, 1, den)[..., None])
 
 
-def _bidirectional(q, k, v, valid, fm, w) -> torch.Tensor:
-    fq = _features(q, fm, w, True)
-    fk = _features(k, fm, w, False, valid)
-    kv = torch.matmul(fk.transpose(-1, -2), v)                         # [B, H, m, Dv]
-    return _ratio(torch.matmul(fq, kv), torch.matmul(fq, fk.sum(-2)[..., None])[..., 0])
-
-
-def _align_keys(n_q: int, k, v, valid):
+def align_keys(n_q: int, k, v, valid):
     """Causal keys beyond the last query are never seen: cut them; pad missing ones as padding."""
     n_k = k.shape[2]
     if n_k >= n_q:
@@ -78,56 +91,3 @@ def _align_keys(n_q: int, k, v, valid):
     k = torch.nn.functional.pad(k, (0, 0, 0, pad))
     v = torch.nn.functional.pad(v, (0, 0, 0, pad))
     return k, v, torch.nn.functional.pad(valid, (0, pad), value=False)
-
-
-def _causal_terms(q, k, valid, fm, w):
-    """(qf, kf, r, e): key features at time t are `kf_j exp(r_j - r_t) + e` (for unpadded j)."""
-    ok = valid[:, None, :, None]
-    if not isinstance(fm, Favor):
-        r = torch.zeros(k.shape[:3], dtype=k.dtype, device=k.device)
-        return _features(q, fm, w, True), _features(k, fm, w, False, valid), r, 0.0
-    m = w.shape[0]
-    u, a = favor_exponent(k, w)
-    r = u.masked_fill(~ok, float("-inf")).amax(-1).cummax(dim=-1).values     # [B, H, N] running max
-    seen = torch.isfinite(r)
-    first = torch.where(seen, r, torch.full_like(r, float("inf"))).amin(-1, keepdim=True)
-    first = torch.where(torch.isfinite(first), first, torch.zeros_like(first))
-    r = torch.where(seen, r, first)                  # before the first key: any value <= later r (no effect)
-    kf = m ** -0.5 * torch.exp((a - r[..., None]).masked_fill(~ok, float("-inf")))
-    return favor_features(q, w, True, fm.eps), kf, r, m ** -0.5 * fm.eps
-
-
-def _causal(q, k, v, valid, fm, w, chunk: int) -> torch.Tensor:
-    """Prefix sums over chunks. Before chunk [s, s + chunk) the state holds the keys j < s:
-    S = sum kf_j exp(r_j - r_ref) v_j^T, z = sum kf_j exp(r_j - r_ref) (the decaying part, at r_ref, the
-    stabiliser of position s - 1), sv = sum w_j v_j and cnt = sum w_j (the eps part, which does not decay)."""
-    qf, kf, r, e = _causal_terms(q, k, valid, fm, w)
-    B, H, N, m = kf.shape
-    wv = valid[:, None, :, None].to(v.dtype)
-    qsum = qf.sum(-1)                                                   # [B, H, N]
-    S = v.new_zeros(B, H, m, v.shape[-1])
-    z = v.new_zeros(B, H, m)
-    sv = v.new_zeros(B, H, v.shape[-1])
-    cnt = v.new_zeros(B, 1)
-    r_ref = r[..., :1]
-    outs = []
-    for s in range(0, N, chunk):
-        t = slice(s, min(s + chunk, N))
-        qc, kc, vc, rc, wc = qf[:, :, t], kf[:, :, t], v[:, :, t], r[:, :, t], wv[:, :, t]
-        n = qc.shape[2]
-        tri = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        decay = torch.exp((rc[..., None, :] - rc[..., :, None]).masked_fill(~tri, float("-inf")))  # [t, j]
-        g = torch.matmul(qc, kc.transpose(-1, -2)) * decay                 # exp part, [B, H, t, j]
-        g = g + e * qsum[:, :, t, None] * (wc[..., 0][:, :, None, :] * tri)  # eps part of unpadded j <= t
-        back = torch.exp(r_ref - rc)[..., None]                              # rescale the state, <= 1
-        num = torch.matmul(g, vc) + back * torch.matmul(qc, S) + e * qsum[:, :, t, None] * sv[:, :, None]
-        den = g.sum(-1) + back[..., 0] * torch.matmul(qc, z[..., None])[..., 0] + e * qsum[:, :, t] * cnt[:, :, None]
-        outs.append(_ratio(num, den))
-        r_new = rc[..., -1:]
-        ks = kc * torch.exp(rc - r_new)[..., None]
-        S = torch.exp(r_ref - r_new)[..., None] * S + torch.matmul(ks.transpose(-1, -2), vc)
-        z = torch.exp(r_ref - r_new) * z + ks.sum(-2)
-        sv = sv + (vc * wc).sum(-2)
-        cnt = cnt + wc[:, 0, :, 0].sum(-1, keepdim=True)
-        r_ref = r_new
-    return torch.cat(outs, dim=2)

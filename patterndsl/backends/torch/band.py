@@ -183,8 +183,9 @@ def window_bwd(dout, q, k, v, out, lse, scale: float, win: Window, kvalid=None):
     lp = _pad_rows(lse, rows, POS_INF)                  # padded rows: no gradient
     kp, vp = k.contiguous(), v.contiguous()
     dq = torch.empty_like(qp)
-    dk = k.new_zeros(B, H, geo.kblocks * bm, D)         # in padded key coordinates (key j at pad*bm + j)
-    dv = v.new_zeros(B, H, geo.kblocks * bm, v.shape[3])
+    Hk = k.shape[1]                                     # grouped heads: the kernel sums dk, dv over a group
+    dk = k.new_zeros(B, Hk, geo.kblocks * bm, D)        # in padded key coordinates (key j at pad*bm + j)
+    dv = v.new_zeros(B, Hk, geo.kblocks * bm, v.shape[3])
     for qb, kb, vb, dob, ob, lb, dqb, dkb, dvb, ok in _calls(geo, bm, n_k, kvalid, qp, kp, vp, dop, op, lp,
                                                               dq, dk, dv):
         for b0, b1, mask in _masks(win, geo, ok, q.dtype, q.device, per_block=kvalid is not None):

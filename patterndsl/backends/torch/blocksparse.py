@@ -10,6 +10,11 @@ gives every piece its exact gradient, and scatters dk, dv tile by tile with `ind
 
 Where the kernel cannot run (D_v != D, another device, a gradient of lse) the same chunks go through
 gathered batched matmuls and separate softmax passes (`_bmm_*`). Nothing larger than a chunk is materialised.
+
+Grouped-query attention (k, v with `H_kv` heads, `G = H / H_kv` query heads each): the flash kernel takes such
+k, v natively (head h reads kv head h // G, dk and dv summed over the group). The batched-matmul path stacks
+query tile a of the G heads sharing a kv head as one `[G * bm, D]` tile (`_q_tiles`), scored against that kv
+head's gathered tiles by the same matmul. K/V are never repeated.
 """
 from __future__ import annotations
 
@@ -24,6 +29,25 @@ def _tiles(x: torch.Tensor, n_tiles: int, block: int) -> torch.Tensor:
     """[B, H, N, D] -> [B, H, n_tiles, block, D], zero padded at the end."""
     B, H, N, D = x.shape
     return F.pad(x, (0, 0, 0, n_tiles * block - N)).view(B, H, n_tiles, block, D)
+
+
+def _q_tiles(x: torch.Tensor, g, groups: int) -> torch.Tensor:
+    """[B, H, N, ...] -> [B, H_kv, nqb, groups * bm, ...]: query tile a of the heads sharing a kv head, stacked."""
+    if groups == 1:
+        return _tiles(x, g.nqb, g.bm) if x.dim() == 4 else _tiles(x[..., None], g.nqb, g.bm)[..., 0]
+    t = _tiles(x if x.dim() == 4 else x[..., None], g.nqb, g.bm)           # [B, H, nqb, bm, D]
+    B, H = t.shape[:2]
+    t = t.view(B, H // groups, groups, g.nqb, g.bm, t.shape[-1]).transpose(2, 3)
+    t = t.reshape(B, H // groups, g.nqb, groups * g.bm, t.shape[-1])
+    return t if x.dim() == 4 else t[..., 0]
+
+
+def _q_untiled(t: torch.Tensor, g, groups: int) -> torch.Tensor:
+    """The inverse of `_q_tiles`, cut to the n_q rows: [B, H_kv, nqb, groups * bm, ...] -> [B, H, n_q, ...]."""
+    B, Hk = t.shape[:2]
+    rest = t.shape[4:]
+    t = t.view(B, Hk, g.nqb, groups, g.bm, *rest).transpose(2, 3)
+    return t.reshape(B, Hk * groups, g.nqb * g.bm, *rest)[:, :, :g.n_q]
 
 
 def _key_valid(key_padding_mask, sched: Schedule) -> torch.Tensor | None:
@@ -46,6 +70,23 @@ def _allowed(chunk, sched: Schedule, kvalid) -> torch.Tensor | None:
         C, T = chunk.k_tiles.shape
         ok = ok & kvalid[:, chunk.k_tiles].view(kvalid.shape[0], C, 1, T * g.bn)
     return ok
+
+
+def _masked_scores(qc, kc, chunk, sched: Schedule, kvalid, groups: int = 1) -> torch.Tensor:
+    """Scores `[B, H_kv, C, groups * bm, T * bn]` of a chunk with disallowed pairs at -inf."""
+    s = torch.matmul(qc, kc.transpose(-1, -2))
+    g = sched.grid
+    if chunk.unmasked and kvalid is None:
+        return s
+    ok = chunk.allowed(g.bm, g.bn)                                 # [C, bm, T*bn] or [B, C, bm, T*bn]
+    if groups > 1:                                                 # the same rows for every head of a group
+        ok = ok.unsqueeze(-3).expand(*ok.shape[:-2], groups, *ok.shape[-2:]).flatten(-3, -2)
+    ok = ok[:, None] if ok.dim() == 4 else ok[None, None]
+    if kvalid is not None:
+        C, T = chunk.k_tiles.shape
+        kv = kvalid[:, chunk.k_tiles].view(kvalid.shape[0], 1, C, 1, T * g.bn)
+        ok = ok & kv
+    return s.masked_fill_(~ok, NEG_INF)
 
 
 def _pick(x: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
@@ -87,14 +128,15 @@ def _chunk_fwd(qc, kc, vc, allowed, scale):
 
 
 def blocksparse_fwd(q, k, v, sched: Schedule, scale: float, key_padding_mask=None):
-    """(out `[B, H, N_q, D_v]`, lse `[B, H, N_q]`) of q `[B, H, N_q, D]`, k, v `[B, H, N_k, D(_v)]`."""
+    """(out `[B, H, N_q, D_v]`, lse `[B, H, N_q]`) of q `[B, H, N_q, D]`, k, v `[B, H_kv, N_k, D(_v)]`."""
     g = sched.grid
     B, H, _, Dv = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
     lse_type = torch.float64 if q.dtype == torch.float64 else torch.float32
     if not (B and H and g.n_q and g.n_k):                   # nothing to attend: zeros, lse -inf
         return q.new_zeros(B, H, g.n_q, Dv), q.new_full((B, H, g.n_q), NEG_INF, dtype=lse_type)
-    fused = runs(q, k, v)
-    qt = _tiles(q if fused else q * scale, g.nqb, g.bm)
+    if not runs(q, k, v):
+        return _bmm_fwd(q, k, v, sched, scale, key_padding_mask)
+    qt = _tiles(q, g.nqb, g.bm)
     kt, vt = _tiles(k, g.nkb + 1, g.bn), _tiles(v, g.nkb + 1, g.bn)
     kvalid = _key_valid(key_padding_mask, sched)
     out = q.new_zeros(B, H, g.nqb, g.bm, Dv)
@@ -104,7 +146,7 @@ def blocksparse_fwd(q, k, v, sched: Schedule, scale: float, key_padding_mask=Non
     for chunk in sched.chunks:
         qc, kc, vc = _gather(qt, kt, vt, chunk)
         allowed = _allowed(chunk, sched, kvalid)
-        o, row_lse = _chunk_fwd(qc, kc, vc, allowed, scale) if fused else _bmm_chunk_fwd(qc, kc, vc, allowed)
+        o, row_lse = _chunk_fwd(qc, kc, vc, allowed, scale)
         if chunk.direct.numel():
             d = chunk.direct
             out.index_copy_(2, chunk.q_tiles[d], o[:, :, d])
@@ -122,17 +164,41 @@ def blocksparse_fwd(q, k, v, sched: Schedule, scale: float, key_padding_mask=Non
     return out.view(B, H, -1, Dv)[:, :, :n_q], lse.view(B, H, -1)[:, :, :n_q]
 
 
-def _bmm_chunk_fwd(qc, kc, vc, allowed):
-    """The chunk by batched matmuls (q already scaled): scores, mask, softmax passes, product with V."""
-    s = torch.matmul(qc, kc.transpose(-1, -2))
-    if allowed is not None:
-        s.masked_fill_(~allowed[:, None], NEG_INF)
-    m = s.amax(-1, keepdim=True)
-    m = m.masked_fill_(m == NEG_INF, 0.0)
-    p = s.sub_(m).exp_()
-    l = p.sum(-1)
-    o = torch.matmul(p, vc).div_(l.masked_fill(l == 0, 1.0)[..., None])
-    return o, m[..., 0] + torch.log(l)
+def _bmm_fwd(q, k, v, sched: Schedule, scale: float, key_padding_mask=None):
+    """The forward by batched matmuls and separate softmax passes, query heads of a kv group stacked."""
+    g = sched.grid
+    G = q.shape[1] // k.shape[1]
+    B, Hk, Dv, rows = q.shape[0], k.shape[1], v.shape[3], G * g.bm
+    qt = _q_tiles(q * scale, g, G)
+    kt, vt = _tiles(k, g.nkb + 1, g.bn), _tiles(v, g.nkb + 1, g.bn)
+    kvalid = _key_valid(key_padding_mask, sched)
+    out = q.new_zeros(B, Hk, g.nqb, rows, Dv)
+    lse = q.new_full((B, Hk, g.nqb, rows), NEG_INF)
+    part_o = q.new_zeros(B, Hk, sched.slots + 1, rows, Dv)
+    part_lse = q.new_full((B, Hk, sched.slots + 1, rows), NEG_INF)
+    for chunk in sched.chunks:
+        qc, kc, vc = _gather(qt, kt, vt, chunk)
+        s = _masked_scores(qc, kc, chunk, sched, kvalid, G)
+        m = s.amax(-1, keepdim=True)
+        m = m.masked_fill_(m == NEG_INF, 0.0)
+        p = s.sub_(m).exp_()
+        l = p.sum(-1)
+        o = torch.matmul(p, vc).div_(l.masked_fill(l == 0, 1.0)[..., None])
+        row_lse = m[..., 0] + torch.log(l)
+        if chunk.direct.numel():
+            d = chunk.direct
+            out.index_copy_(2, chunk.q_tiles[d], o[:, :, d])
+            lse.index_copy_(2, chunk.q_tiles[d], row_lse[:, :, d])
+        if chunk.split.numel():
+            part_o.index_copy_(2, chunk.slots, o[:, :, chunk.split])
+            part_lse.index_copy_(2, chunk.slots, row_lse[:, :, chunk.split])
+    if sched.group_tiles.numel():
+        po, pl = part_o[:, :, sched.groups], part_lse[:, :, sched.groups]     # [B, H, G, P, bm(, Dv)]
+        total = torch.logsumexp(pl, dim=3)                                   # [B, H, G, bm]
+        w = torch.exp(pl - total.masked_fill(total == NEG_INF, 0.0)[:, :, :, None])
+        out.index_copy_(2, sched.group_tiles, (w[..., None] * po).sum(3))
+        lse.index_copy_(2, sched.group_tiles, total)
+    return _q_untiled(out, g, G), _q_untiled(lse, g, G)
 
 
 # --------------------------------------------------------------------------------------------- backward
@@ -149,7 +215,7 @@ def blocksparse_bwd(dout, q, k, v, out, lse, sched: Schedule, scale: float, key_
 
 def _flash_bwd(dout, q, k, v, out, lse, sched: Schedule, scale: float, key_padding_mask=None):
     g = sched.grid
-    B, H, D, Dv = q.shape[0], q.shape[1], q.shape[3], v.shape[3]
+    B, H, Hk, D, Dv = q.shape[0], q.shape[1], k.shape[1], q.shape[3], v.shape[3]
     qt, dot, ot = (_tiles(x, g.nqb, g.bm) for x in (q, dout, out))
     lse_t = _tiles(lse[..., None], g.nqb, g.bm)[..., 0]
     kt, vt = _tiles(k, g.nkb + 1, g.bn), _tiles(v, g.nkb + 1, g.bn)
@@ -164,29 +230,31 @@ def _flash_bwd(dout, q, k, v, out, lse, sched: Schedule, scale: float, key_paddi
             mask = None if allowed is None else additive(allowed[0][:, None], q.dtype)
             do, o, l = (_rows_first(x) for x in rows)
             grads = flash_bwd(do, _rows_first(qc), _rows_first(kc), _rows_first(vc), o, l, scale, mask)
-            dqc, dkc, dvc = (x.reshape(C, B, H, *x.shape[2:]).movedim(0, 2) for x in grads)
+            dqc, dkc, dvc = (x.reshape(C, B, x.shape[1] // B, *x.shape[2:]).movedim(0, 2) for x in grads)
         else:
             per = [flash_bwd(*(x[b].movedim(1, 0) for x in (rows[0], qc, kc, vc, rows[1], rows[2])), scale,
                              additive(allowed[b][:, None], q.dtype)) for b in range(B)]
             dqc, dkc, dvc = (torch.stack([p[i].movedim(0, 1) for p in per]) for i in range(3))
         dq.index_add_(2, chunk.q_tiles, dqc)
         flat = chunk.k_tiles.reshape(-1)
-        dk.index_add_(2, flat, dkc.reshape(B, H, C * T, g.bn, D))
-        dv.index_add_(2, flat, dvc.reshape(B, H, C * T, g.bn, Dv))
+        dk.index_add_(2, flat, dkc.reshape(B, Hk, C * T, g.bn, D))
+        dv.index_add_(2, flat, dvc.reshape(B, Hk, C * T, g.bn, Dv))
     n_q, n_k = g.n_q, g.n_k
-    return dq.view(B, H, -1, D)[:, :, :n_q], dk.view(B, H, -1, D)[:, :, :n_k], dv.view(B, H, -1, Dv)[:, :, :n_k]
+    return (dq.view(B, H, -1, D)[:, :, :n_q], dk.view(B, Hk, -1, D)[:, :, :n_k],
+            dv.view(B, Hk, -1, Dv)[:, :, :n_k])
 
 
 def _bmm_bwd(dout, q, k, v, out, lse, sched: Schedule, scale: float, key_padding_mask=None, dlse=None):
     g = sched.grid
-    B, H, D, Dv = q.shape[0], q.shape[1], q.shape[3], v.shape[3]
+    G = q.shape[1] // k.shape[1]
+    B, Hk, D, Dv = q.shape[0], k.shape[1], q.shape[3], v.shape[3]
     delta = (dout * out).sum(-1)
     if dlse is not None:
         delta = delta - dlse
-    qt = _tiles(q * scale, g.nqb, g.bm)
-    dot = _tiles(dout, g.nqb, g.bm)
-    lse_t = _tiles(lse.masked_fill(lse == NEG_INF, 0.0)[..., None], g.nqb, g.bm)[..., 0]
-    delta_t = _tiles(delta[..., None], g.nqb, g.bm)[..., 0]
+    qt = _q_tiles(q * scale, g, G)
+    dot = _q_tiles(dout, g, G)
+    lse_t = _q_tiles(lse.masked_fill(lse == NEG_INF, 0.0), g, G)
+    delta_t = _q_tiles(delta, g, G)
     kt, vt = _tiles(k, g.nkb + 1, g.bn), _tiles(v, g.nkb + 1, g.bn)
     kvalid = _key_valid(key_padding_mask, sched)
     dq = torch.zeros_like(qt)
@@ -195,18 +263,14 @@ def _bmm_bwd(dout, q, k, v, out, lse, sched: Schedule, scale: float, key_padding
         C, T = chunk.k_tiles.shape
         qc, kc, vc = _gather(qt, kt, vt, chunk)
         do = dot[:, :, chunk.q_tiles]
-        s = torch.matmul(qc, kc.transpose(-1, -2))
-        allowed = _allowed(chunk, sched, kvalid)
-        if allowed is not None:
-            s.masked_fill_(~allowed[:, None], NEG_INF)
+        s = _masked_scores(qc, kc, chunk, sched, kvalid, G)
         p = s.sub_(lse_t[:, :, chunk.q_tiles][..., None]).exp_()
         dvc = torch.matmul(p.transpose(-1, -2), do)                       # [B, H, C, T*bn, Dv]
         dp = torch.matmul(do, vc.transpose(-1, -2))
         ds = dp.sub_(delta_t[:, :, chunk.q_tiles][..., None]).mul_(p)
         dq.index_add_(2, chunk.q_tiles, torch.matmul(ds, kc))
         flat = chunk.k_tiles.reshape(-1)
-        dk.index_add_(2, flat, torch.matmul(ds.transpose(-1, -2), qc).view(B, H, C * T, g.bn, D))
-        dv.index_add_(2, flat, dvc.view(B, H, C * T, g.bn, Dv))
-    n_q, n_k = g.n_q, g.n_k
-    return (dq.view(B, H, -1, D)[:, :, :n_q] * scale, dk.view(B, H, -1, D)[:, :, :n_k],
-            dv.view(B, H, -1, Dv)[:, :, :n_k])
+        dk.index_add_(2, flat, torch.matmul(ds.transpose(-1, -2), qc).view(B, Hk, C * T, g.bn, D))
+        dv.index_add_(2, flat, dvc.view(B, Hk, C * T, g.bn, Dv))
+    n_k = g.n_k
+    return (_q_untiled(dq, g, G) * scale, dk.view(B, Hk, -1, D)[:, :, :n_k], dv.view(B, Hk, -1, Dv)[:, :, :n_k])

@@ -160,7 +160,8 @@ def causal_linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map, projec
     N_k, D]`, v `[B, H, N_k, D_v]`, projection `[m, D]` (None for elu1), `key_padding_mask` `[B, N_k]`.
     Returns `[B, H, N_q, D_v]` in q's dtype (fp16/bf16 computed in float32); differentiable in q, k, v (and
     the projection, through the features)."""
-    from ..reference.linear import _align_keys, _causal_terms
+    from ..reference.linear import align_keys
+    from .linear_scan import _key_terms, _query_terms
     dtype = q.dtype
     work = torch.float32 if dtype in _LOW else dtype
     q, k, v = q.to(work), k.to(work), v.to(work)
@@ -170,7 +171,10 @@ def causal_linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map, projec
              else ~key_padding_mask.to(k.device))
     if q.shape[2] == 0 or B == 0 or q.shape[1] == 0:
         return q.new_zeros(*q.shape[:3], v.shape[3]).to(dtype) + (q.sum() + k.sum() + v.sum()) * 0
-    k, v, valid = _align_keys(q.shape[2], k, v, valid)
-    qf, kf, r, e = _causal_terms(q, k, valid, feature_map, w)
+    k, v, valid = align_keys(q.shape[2], k, v, valid)
+    k, v = (torch.where(valid[:, None, :, None], x, 0.0) for x in (k, v))
+    kf, r, e = (x[:, :, 0] if isinstance(x, Tensor) else x for x in _key_terms(k[:, :, None], valid, feature_map,
+                                                                                w, None))
+    qf = _query_terms(q, feature_map, w)[0]
     out = _core_op(qf, kf, r, v, valid.to(work), float(e), int(max(1, chunk)))[0]
     return out.to(dtype)

@@ -1,6 +1,6 @@
 """Bidirectional FAVOR+ in torch ops with a hand-written backward: features are formed in place, never saved.
 
-The function is the reference's (`backends/reference/linear.py`, DESIGN.md §3). With `x' = x d^-1/4`,
+The function is the reference's (`backends/reference/linear.py`, docs/language.md §5.2). With `x' = x d^-1/4`,
 `u = x' W^T`, `a = u - |x'|^2 / 2`, the query stabiliser `c_t = max_f u_tf` and the key stabiliser
 `c = max_{valid j, f} u_jf`, let `E = exp(a - c)` (zero on padded keys) and `P = E + eps`. The factor
 `m^-1/2` of both feature maps cancels in the ratio, so
@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ..custom import register_backward
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -140,20 +142,7 @@ def _(dout, q, k, v, w, key_padding_mask, out, den, kvz, cq, argq, ck, argk, eps
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, w, key_padding_mask, eps = inputs
-    out, den, kvz, cq, argq, ck, argk = output
-    ctx.save_for_backward(q, k, v, w, key_padding_mask, out, den, kvz, cq, argq, ck, argk)
-    ctx.eps = eps
-
-
-def _backward(ctx, dout, *_):
-    saved = ctx.saved_tensors
-    dq, dk, dv = _favor_bwd_op(dout, *saved, ctx.eps)
-    return dq, dk, dv, None, None, None
-
-
-_favor_op.register_autograd(_backward, setup_context=_setup_context)
+register_backward(_favor_op, _favor_bwd_op, lambda d, x, o: (d[0], *x[:5], *o, x[5]))
 
 
 # ------------------------------------------------------------------------------------------------ public
@@ -161,11 +150,14 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, eps: fl
                     key_padding_mask: Tensor | None = None) -> Tensor:
     """Bidirectional FAVOR+ attention (differentiable in q, k, v; the projection is a constant).
 
-    q `[B, H, N_q, D]`, k `[B, H, N_k, D]`, v `[B, H, N_k, D_v]`, projection `[m, D]`, `key_padding_mask` bool
+    q `[B, H, N_q, D]`, k `[B, H_kv, N_k, D]`, v `[B, H_kv, N_k, D_v]` (H_kv dividing H: the query heads of a
+    group share their kv head's `[KV, z]`), projection `[m, D]`, `key_padding_mask` bool
     `[B, N_k]` (True = ignored key). Returns `[B, H, N_q, D_v]` in q's dtype (fp16/bf16 computed in float32).
     """
     dtype = q.dtype
     work = torch.float32 if dtype in _LOW else dtype
     q, k, v = (x.to(work) for x in (q, k, v))
-    out = _favor_op(q, k, v, projection.to(work).detach(), key_padding_mask, float(eps))[0]
-    return out.to(dtype)
+    B, H, n, D = q.shape
+    rows = q.reshape(B, k.shape[1], H // k.shape[1] * n, D)     # grouped heads: rows sharing one [KV, z]
+    out = _favor_op(rows, k, v, projection.to(work).detach(), key_padding_mask, float(eps))[0]
+    return out.reshape(B, H, n, v.shape[3]).to(dtype)

@@ -48,12 +48,13 @@ def _dense_indices(layout, cls: int, device) -> tuple[torch.Tensor, torch.Tensor
 
 
 @functools.lru_cache(maxsize=16)
-def block_mask(mask: M.Mask, n_q: int, n_k: int, device: torch.device):
-    """The BlockMask of `mask` at `n_q x n_k` from the closed-form layout."""
+def block_mask(mask: M.Mask, n_q: int, n_k: int, device: torch.device, q_offset: int = 0):
+    """The BlockMask of `mask` at `n_q x n_k` (query row r at position `q_offset + r`) from the closed-form
+    layout."""
     from torch.nn.attention.flex_attention import BlockMask
     from ...export.flex import mask_fn
-    layout = tile_layout(mask, n_q, n_k, BLOCK, BLOCK)
-    f = mask_fn(mask, n_q, n_k, None, device)
+    layout = tile_layout(mask, n_q, n_k, BLOCK, BLOCK, q_offset=q_offset)
+    f = mask_fn(mask, n_q, n_k, None, device, q_offset)
     part_n, part_i = _dense_indices(layout, PARTIAL, device)
     full_n, full_i = _dense_indices(layout, FULL, device)
     return BlockMask.from_kv_blocks(part_n, part_i, full_n, full_i, BLOCK_SIZE=BLOCK,
@@ -76,9 +77,10 @@ def compiled_for(key: tuple) -> bool:
     return key in _SEEN
 
 
-def flex_attention(q, k, v, mask: M.Mask, scale: float):
-    """Compiled FlexAttention of `mask` (no padding, no runtime ids): `[B, H, N_q, D_v]`."""
-    bm = block_mask(mask, q.shape[2], k.shape[2], q.device)
-    out = _compiled()(q, k, v, block_mask=bm, scale=scale)
+def flex_attention(q, k, v, mask: M.Mask, scale: float, q_offset: int = 0):
+    """Compiled FlexAttention of `mask` (no padding, no runtime ids): `[B, H, N_q, D_v]`; k, v may have
+    fewer heads (`enable_gqa`, never repeated); query row r at position `q_offset + r`."""
+    bm = block_mask(mask, q.shape[2], k.shape[2], q.device, int(q_offset))
+    out = _compiled()(q, k, v, block_mask=bm, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     _SEEN.add(shape_key(q.shape, k.shape, v.shape, q.dtype, q.device))
     return out

@@ -8,7 +8,13 @@ causal and residue-permuted bands and global rows/columns, merged by log-sum-exp
 Linear stages: `torch.favor` (fused bidirectional FAVOR+), `torch.causal-linear` (chunked scan with a
 hand-written backward), `torch.linear-quadratic` (the masked dense form: one chunk, small N),
 `torch.linear-scan` (autograd through the chunked scan). Nested stages: `torch.luna-chunked` (masked matmuls
-per chunk, carried states), `torch.luna-cumsum` (the reference's cumulative sums).
+per chunk, carried states), `torch.luna-cumsum` (cumulative sums, `nested_scan.py`).
+
+Every softmax lowering takes grouped-query k, v natively (the flash kernel and SDPA read kv head `h // G`;
+Flex gets `enable_gqa`) and a query offset (masks evaluated at positions `q_offset + r`), except SDPA's
+`is_causal`, which is top-left (no offset). `torch.causal-linear`, `torch.linear-quadratic` and
+`torch.luna-chunked` run neither grouped heads nor an offset and say so; `torch.linear-scan` and
+`torch.luna-cumsum` run both.
 """
 from __future__ import annotations
 
@@ -51,10 +57,11 @@ def _pieces(bm: int, only_windows: bool) -> Lowering:
             return "no windowed band (the block size changes nothing)"
         return _flash_ok(p)
 
-    def run(stage, q, k, v, *, scale, key_padding_mask=None, runtime=None):
+    def run(stage, q, k, v, *, scale, key_padding_mask=None, runtime=None, q_offset=0):
         from ..custom import register
         from .pieces import _pieces_op
-        return _pieces_op(q, k, v, key_padding_mask, [], register("torch_pieces", stage.mask, bm), scale)[0]
+        return _pieces_op(q, k, v, key_padding_mask, [], register("torch_pieces", stage.mask, bm), scale,
+                          int(q_offset))[0]
 
     return Lowering(f"torch.pieces/bm{bm}", "torch", ("softmax",),
                     f"bands through strided K/V windows ({bm}-row query blocks, no gather), causal and "
@@ -64,10 +71,10 @@ def _pieces(bm: int, only_windows: bool) -> Lowering:
 
 # ---------------------------------------------------------------------------------------- block-sparse
 def _blocksparse(bm: int, bn: int) -> Lowering:
-    def run(stage, q, k, v, *, scale, key_padding_mask=None, runtime=None):
+    def run(stage, q, k, v, *, scale, key_padding_mask=None, runtime=None, q_offset=0):
         from .softmax import softmax_attention
         return softmax_attention(q, k, v, stage.mask, scale=scale, key_padding_mask=key_padding_mask,
-                                 runtime=runtime, block=(bm, bn))
+                                 runtime=runtime, block=(bm, bn), q_offset=q_offset)
 
     def work(p: Problem) -> Work:
         return W.blocksparse_work(p, bm, bn, fused=_flash_ok(p) is None)
@@ -84,14 +91,14 @@ def _dense_applies(p: Problem) -> str | None:
     if p.n_q * p.n_k > MAX_DENSE:
         return f"a dense {p.n_q} x {p.n_k} mask is over {MAX_DENSE} elements"
     if p.device.type != "cpu" and (p.padded or M.runtime_inputs(p.stage.mask)
-                                   or not every_row_has_a_key(p.stage.mask, p.n_q, p.n_k)):
+                                   or not every_row_has_a_key(p.stage.mask, p.n_q, p.n_k, p.q_offset)):
         return "rows with no key would give NaN in SDPA off the CPU"
     return None
 
 
-def _dense_run(stage, q, k, v, *, scale, key_padding_mask=None, runtime=None):
+def _dense_run(stage, q, k, v, *, scale, key_padding_mask=None, runtime=None, q_offset=0):
     from .dense import dense_attention
-    return dense_attention(q, k, v, stage.mask, scale, key_padding_mask, runtime)
+    return dense_attention(q, k, v, stage.mask, scale, key_padding_mask, runtime, q_offset)
 
 
 def _dense_work(p: Problem) -> Work:
@@ -103,10 +110,12 @@ def _dense_work(p: Problem) -> Work:
 def _causal_applies(p: Problem) -> str | None:
     if p.stage.mask != M.CAUSAL:
         return "the mask is not exactly causal"
+    if p.q_offset:
+        return "is_causal is top-left (no query offset)"
     return "is_causal takes no key padding mask" if p.padded else None
 
 
-def _causal_run(stage, q, k, v, *, scale, key_padding_mask=None, runtime=None):
+def _causal_run(stage, q, k, v, *, scale, key_padding_mask=None, runtime=None, q_offset=0):
     from .dense import causal_attention
     return causal_attention(q, k, v, scale)
 
@@ -135,16 +144,16 @@ def _flex_applies(p: Problem) -> str | None:
     return None
 
 
-def _flex_run(stage, q, k, v, *, scale, key_padding_mask=None, runtime=None):
+def _flex_run(stage, q, k, v, *, scale, key_padding_mask=None, runtime=None, q_offset=0):
     from .flex import flex_attention
-    return flex_attention(q, k, v, stage.mask, scale)
+    return flex_attention(q, k, v, stage.mask, scale, q_offset)
 
 
 def _flex_ready(p: Problem) -> bool:
     from .flex import compiled_for, shape_key
-    shape = (p.batch, p.heads)
-    return compiled_for(shape_key(shape + (p.n_q, p.head_dim), shape + (p.n_k, p.head_dim),
-                                  shape + (p.n_k, p.head_dim_v), p.dtype, p.device))
+    qs, ks = (p.batch, p.heads), (p.batch, p.h_kv)
+    return compiled_for(shape_key(qs + (p.n_q, p.head_dim), ks + (p.n_k, p.head_dim),
+                                  ks + (p.n_k, p.head_dim_v), p.dtype, p.device))
 
 
 def _flex_work(p: Problem) -> Work:
@@ -184,21 +193,21 @@ def _linear_work(chunk_of, grad_factor: float, per_chunk_calls: int):
     return work
 
 
-def _run_favor(stage, q, k, v, *, projection, key_padding_mask=None):
+def _run_favor(stage, q, k, v, *, projection, key_padding_mask=None, q_offset=0):
     from .favor import favor_attention
-    if projection.requires_grad:                       # a learned projection: autograd through the reference
+    if projection.requires_grad:                       # a learned projection: autograd through the scan
         return _run_scan(stage, q, k, v, projection=projection, key_padding_mask=key_padding_mask)
     return favor_attention(q, k, v, projection, stage.normaliser.feature_map.eps, key_padding_mask)
 
 
-def _run_scan(stage, q, k, v, *, projection, key_padding_mask=None):
-    from ..reference.linear import linear_attention
+def _run_scan(stage, q, k, v, *, projection, key_padding_mask=None, q_offset=0):
+    from .linear_scan import linear_attention
     return linear_attention(q, k, v, stage.normaliser.feature_map, projection, causal=stage.causal,
-                            key_padding_mask=key_padding_mask, chunk=256)
+                            key_padding_mask=key_padding_mask, chunk=256, q_offset=q_offset)
 
 
 def _run_causal_linear(chunk: int | None):
-    def run(stage, q, k, v, *, projection, key_padding_mask=None):
+    def run(stage, q, k, v, *, projection, key_padding_mask=None, q_offset=0):
         from .causal_linear import causal_linear_attention
         return causal_linear_attention(q, k, v, stage.normaliser.feature_map, projection, key_padding_mask,
                                        chunk=chunk or max(q.shape[2], 1))
@@ -206,7 +215,16 @@ def _run_causal_linear(chunk: int | None):
 
 
 def _causal_only(p: Problem) -> str | None:
-    return None if p.stage.causal else "not causal"
+    if not p.stage.causal:
+        return "not causal"
+    return _plain_heads(p)
+
+
+def _plain_heads(p: Problem) -> str | None:
+    """Why a lowering without grouped kv heads or query offsets cannot run `p` (None: it can)."""
+    if p.groups > 1:
+        return "grouped kv heads (torch.linear-scan and torch.luna-cumsum read them without repeating)"
+    return "a query offset (torch.linear-scan and torch.luna-cumsum take one)" if p.q_offset else None
 
 
 def _quadratic_applies(p: Problem) -> str | None:
@@ -219,12 +237,18 @@ def _luna_work(p: Problem) -> Work:
     return Work.of({k: v * (3 if p.grad and k != "call" else 1) for k, v in counts.items()})
 
 
-def _run_luna(stage, q, k, v, *, p, c, key_padding_mask=None):
-    from ..reference.nested import nested_causal_attention
-    return nested_causal_attention(q, k, v, p, c, key_padding_mask=key_padding_mask)
+def _run_luna(stage, q, k, v, *, p, c, key_padding_mask=None, q_offset=0):
+    from .nested_scan import nested_attention
+    return nested_attention(q, k, v, p, c, key_padding_mask=key_padding_mask, q_offset=q_offset)
 
 
 LUNA_CHUNK = 64
+
+
+def _luna_chunked_applies(p: Problem) -> str | None:
+    if p.n_q != p.n_k:
+        return "needs as many queries as keys"
+    return _plain_heads(p)
 
 
 def _luna_chunked_work(p: Problem) -> Work:
@@ -234,7 +258,7 @@ def _luna_chunked_work(p: Problem) -> Work:
     return Work.of({k: v * (3 if p.grad else 1) for k, v in counts.items()})
 
 
-def _run_luna_chunked(stage, q, k, v, *, p, c, key_padding_mask=None):
+def _run_luna_chunked(stage, q, k, v, *, p, c, key_padding_mask=None, q_offset=0):
     from .luna_chunked import luna_chunked_attention
     return luna_chunked_attention(q, k, v, p, c, key_padding_mask, chunk=LUNA_CHUNK)
 
@@ -268,7 +292,7 @@ def declare_all() -> None:
                      lambda p: None, _linear_work(lambda p: 256 if p.stage.causal else None, 4.0, 40), _run_scan))
     declare(Lowering("torch.luna-chunked", "torch", ("nested",),
                      f"causal Luna in {LUNA_CHUNK}-row chunks: masked matmuls inside, carried [D, l] and [l, D] states",
-                     lambda p: None, _luna_chunked_work, _run_luna_chunked))
+                     _luna_chunked_applies, _luna_chunked_work, _run_luna_chunked))
     declare(Lowering("torch.luna-cumsum", "torch", ("nested",), "causal Luna by cumulative sums (O(N l d))",
                      lambda p: None, _luna_work, _run_luna))
 

@@ -2,8 +2,9 @@
 grouped into chunks that are each one batched matmul.
 
 From the closed-form `TileLayout`, every query tile's list of nonempty key tiles is cut into items of at most
-`split` tiles, so a skewed row (a global token sees every key) becomes several items merged afterwards by
-log-sum-exp instead of padding every row of the gather to the longest. Items are sorted by length and packed
+`split` tiles (`plan/schedule.py`, shared with the Triton backend), so a skewed row (a global token sees every
+key) becomes several items merged afterwards by log-sum-exp instead of padding every row of the gather to
+the longest. Items are sorted by length and packed
 into chunks of `C` items x `T` tiles holding about `budget` scores, so the padding waste stays small and the
 working set stays bounded (memory O(chunk), never N x N). Partial tiles (and the ragged last key tile) carry
 their element masks, evaluated once per schedule; full tiles are never masked.
@@ -23,8 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from ...ir import mask as M
+from ...ir.dense import mask_at
 from ...plan.layout import PARTIAL, tile_layout
-from ...plan.points import mask_at
+from ...plan.schedule import tile_classes, work_items
 from ...plan.tiles import Grid
 
 BUDGET = 1 << 20   # scores per chunk (all batch rows and heads together): 4 MB of fp32, cache-sized
@@ -78,48 +80,27 @@ class Schedule:
                         self.nonempty.to(device))
 
 
-def _items(row_ptr: torch.Tensor, split: int):
-    """(tile, start, end) of every item: each row's CSR range cut into pieces of at most `split`."""
-    length = row_ptr.diff()
-    pieces = -(-length // split)
-    tile = torch.repeat_interleave(torch.arange(length.numel()), pieces)
-    first = torch.cumsum(pieces, 0) - pieces
-    k = torch.arange(tile.numel()) - first[tile]
-    start = row_ptr[tile] + k * split
-    end = torch.minimum(start + split, row_ptr[tile + 1])
-    return tile, start, end, pieces
-
-
 def make_schedule(mask: M.Mask, n_q: int, n_k: int, bm: int, bn: int, heads: int, split: int | None = None,
-                  runtime: dict | None = None, budget: int = BUDGET) -> Schedule:
+                  runtime: dict | None = None, budget: int = BUDGET, q_offset: int = 0) -> Schedule:
     """The schedule of `mask` at `n_q x n_k` in `bm x bn` tiles for `heads` = B * H problems at once.
-    `split` caps the key tiles of one item (None: twice the mean nonempty row, at least 8)."""
+    `split` caps the key tiles of one item (None: twice the mean nonempty row, at least 8); query row r is at
+    position `q_offset + r`."""
     if runtime is None or not M.runtime_inputs(mask):
-        return _cached(mask, n_q, n_k, bm, bn, heads, split, budget)
-    return _build(mask, n_q, n_k, bm, bn, heads, split, runtime, budget)
+        return _cached(mask, n_q, n_k, bm, bn, heads, split, budget, q_offset)
+    return _build(mask, n_q, n_k, bm, bn, heads, split, runtime, budget, q_offset)
 
 
 @functools.lru_cache(maxsize=64)
-def _cached(mask, n_q, n_k, bm, bn, heads, split, budget) -> Schedule:
-    return _build(mask, n_q, n_k, bm, bn, heads, split, None, budget)
+def _cached(mask, n_q, n_k, bm, bn, heads, split, budget, q_offset) -> Schedule:
+    return _build(mask, n_q, n_k, bm, bn, heads, split, None, budget, q_offset)
 
 
-def _build(mask, n_q, n_k, bm, bn, heads, split, runtime, budget) -> Schedule:
-    layout = tile_layout(mask, n_q, n_k, bm, bn, runtime)
+def _build(mask, n_q, n_k, bm, bn, heads, split, runtime, budget, q_offset) -> Schedule:
+    layout = tile_layout(mask, n_q, n_k, bm, bn, runtime, q_offset)
     g = layout.grid
-    cls = layout.cls.clone()
-    if n_k % bn:
-        cls[layout.col_idx == g.nkb - 1] = PARTIAL        # the ragged key tile is bound-checked
-    length = layout.row_ptr.diff()
-    if split is None:
-        busy = length[length > 0]
-        split = max(8, 2 * -(-int(busy.sum()) // max(busy.numel(), 1)))
-    tile, start, end, pieces = _items(layout.row_ptr, split)
-    order = torch.argsort(end - start, descending=True, stable=True)
-    tile, start, end = tile[order], start[order], end[order]
-    is_split = pieces[tile] > 1
-    slot = torch.full_like(tile, -1)
-    slot[is_split] = torch.arange(int(is_split.sum()))
+    cls = tile_classes(layout)                             # the ragged key tile is bound-checked
+    items = work_items(layout.row_ptr[:-1], layout.row_ptr[1:], split, empty_items=False)
+    tile, start, end, slot = items.block, items.start, items.end, items.slot
     chunks, i = [], 0
     while i < tile.numel():
         width = int(end[i] - start[i])
@@ -128,8 +109,8 @@ def _build(mask, n_q, n_k, bm, bn, heads, split, runtime, budget) -> Schedule:
         chunks.append(_chunk(mask, g, layout.col_idx, cls, tile[sl], start[sl], end[sl], slot[sl], width,
                              runtime))
         i = sl.stop
-    groups, group_tiles = _groups(tile, slot, int(is_split.sum()))
-    return Schedule(g, tuple(chunks), int(is_split.sum()), groups, group_tiles, length > 0)
+    groups = items.groups.masked_fill(items.groups < 0, items.slots)   # padding points at the empty slot
+    return Schedule(g, tuple(chunks), items.slots, groups, items.group_blocks, layout.row_ptr.diff() > 0)
 
 
 def _chunk(mask, g: Grid, col_idx, cls, tile, start, end, slot, width, runtime) -> Chunk:
@@ -144,21 +125,7 @@ def _chunk(mask, g: Grid, col_idx, cls, tile, start, end, slot, width, runtime) 
     if partial[0].numel():
         i = (tile[partial[0]] * g.bm)[:, None, None] + torch.arange(g.bm)[None, :, None]
         j = (k_tiles[partial] * g.bn)[:, None, None] + torch.arange(g.bn)[None, None, :]
-        masks = mask_at(mask, i, j, (g.n_q, g.n_k), runtime) & (j < g.n_k)
+        masks = mask_at(mask, i, j, (g.n_q, g.n_k), runtime, g.q_offset) & (j < g.n_k)
     direct = (slot < 0).nonzero().flatten()
     split = (slot >= 0).nonzero().flatten()
     return Chunk(tile, k_tiles, direct, split, slot[split], pad, partial, masks)
-
-
-def _groups(tile, slot, slots: int):
-    """Pad the slots of each split query tile into rows of `groups` (padding points at the empty slot)."""
-    sel = slot >= 0
-    if not bool(sel.any()):
-        return torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    t, s = tile[sel], slot[sel]
-    group_tiles, inverse, counts = torch.unique(t, return_inverse=True, return_counts=True)
-    order = torch.argsort(inverse, stable=True)
-    rank = torch.arange(order.numel()) - (torch.cumsum(counts, 0) - counts)[inverse[order]]
-    groups = torch.full((group_tiles.numel(), int(counts.max())), slots, dtype=torch.long)
-    groups[inverse[order], rank] = s[order]
-    return groups, group_tiles

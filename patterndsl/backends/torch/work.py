@@ -68,16 +68,16 @@ def pieces_work(p: Problem, bm: int) -> Work:
     counts: dict = {}
     e, D, g = elt(p), p.head_dim, p.grad
     for band in d.bands:
-        s = band.step
-        nq, nk, bh = -(-p.n_q // s), -(-p.n_k // s), p.bh * s
-        cb = effective(in_classes(band), nq, nk)
+        s, o = band.step, p.q_offset
+        nq, nk, bh = -(-(o % s + p.n_q) // s), -(-p.n_k // s), p.bh * s
+        cb = effective(in_classes(band, o // s), nq, nk)
         ragged = p.padded or nq * s != p.n_q or nk * s != p.n_k
         if s > 1:      # permuting q, k, v, out (and dout, the grads) in and out of residue classes
             _add(counts, "byte", bh * (2 * nq + 2 * nk) * D * e * (2.5 if g else 1))
         if isinstance(cb, M.Full):
             flash(counts, bh * nq * nk, nq, ragged, g)
         elif cb.hi is None:
-            flash(counts, bh * causal_elems(max(nq - max(cb.lo, 0), 0), nk), nq, ragged, g)
+            flash(counts, bh * causal_elems(max(nq - cb.lo, 0), nk), nq - min(cb.lo, 0), ragged, g)
         else:
             geo = geometry(Window(cb.lo, cb.hi, bm), nq, nk)
             width = geo.c * bm
@@ -103,19 +103,19 @@ EXACT_UP_TO = 1 << 14      # tile statistics beyond this length are extrapolated
 
 
 @functools.lru_cache(maxsize=64)
-def tile_stats(mask: M.Mask, n_q: int, n_k: int, bm: int, bn: int) -> tuple:
+def tile_stats(mask: M.Mask, n_q: int, n_k: int, bm: int, bn: int, q_offset: int = 0) -> tuple:
     """(nonempty tiles, partial tiles, tiles in rows with a partial tile, rows) of the closed-form layout
     (a ragged last key tile counts as partial). Above `EXACT_UP_TO` tokens (square problems) the counts are
     fitted as `c + a N + b N^2` through the layouts at EXACT_UP_TO / 4, / 2 and EXACT_UP_TO, which is exact
     for bands, index sets and blocks, and keeps a plan at a million tokens to milliseconds."""
-    if n_q == n_k and n_q > EXACT_UP_TO:
+    if n_q == n_k and n_q > EXACT_UP_TO and not q_offset:
         ns = (EXACT_UP_TO // 4, EXACT_UP_TO // 2, EXACT_UP_TO)
         stats = [tile_stats(mask, n, n, bm, bn)[:3] for n in ns]
         basis = torch.tensor([[1.0, n, n * n] for n in ns], dtype=torch.float64)
         coef = torch.linalg.solve(basis, torch.tensor(stats, dtype=torch.float64))      # [3 terms, 3 stats]
         est = torch.tensor([1.0, n_q, n_q * n_q], dtype=torch.float64) @ coef
         return (*(max(0, round(float(x))) for x in est), -(-n_q // bm))
-    lay = tile_layout(mask, n_q, n_k, bm, bn)
+    lay = tile_layout(mask, n_q, n_k, bm, bn, q_offset=q_offset)
     length = lay.row_ptr.diff()
     partial = lay.cls == PARTIAL
     if n_k % bn:
@@ -126,7 +126,7 @@ def tile_stats(mask: M.Mask, n_q: int, n_k: int, bm: int, bn: int) -> tuple:
 
 
 def blocksparse_work(p: Problem, bm: int, bn: int, fused: bool) -> Work:
-    nnz, _, masked_tiles, rows = tile_stats(p.stage.mask, p.n_q, p.n_k, bm, bn)
+    nnz, _, masked_tiles, rows = tile_stats(p.stage.mask, p.n_q, p.n_k, bm, bn, p.q_offset)
     runtime = bool(M.runtime_inputs(p.stage.mask))
     counts: dict = {}
     elems, masked = p.bh * nnz * bm * bn, p.bh * (nnz if p.padded or runtime else masked_tiles) * bm * bn
@@ -165,7 +165,7 @@ def causal_work(p: Problem) -> Work:
 
 
 def flex_work(p: Problem, block: int, compiled: bool) -> Work:
-    nnz, partial, _, _ = tile_stats(p.stage.mask, p.n_q, p.n_k, block, block)
+    nnz, partial, _, _ = tile_stats(p.stage.mask, p.n_q, p.n_k, block, block, p.q_offset)
     counts = {"flex": p.bh * nnz * block * block, "flex.mask": p.bh * partial * block * block, "call": 3}
     return Work.of(counts, once={} if compiled else {"flex.compile": 1.0})
 

@@ -3,19 +3,24 @@
 For each softmax stage we emit two `@triton.jit` functions that the block-sparse kernels
 (`softmax_fwd.py`, `softmax_bwd.py`) take as constexpr arguments, so Triton inlines them:
 
-- `mask_tile(i, j, b, N_Q, N_K, AUX)`: the mask predicate of a *partial* tile, from the IR by
-  `patterndsl.ir.predicate.evaluate` with a Triton-text `ops` object (floor `//` and `%` as in the IR);
-  `i` and `j` are broadcasting index tensors. Index sets (`rows`, `cols`), `random` draws and `same` ids are
-  read from the int32 buffer `AUX` (header: one offset per data leaf, see `data_leaves`).
+- `mask_tile(i, j, b, N_Q, N_K, AUX)`: the mask predicate of a *partial* tile, the mask's one pointwise
+  definition (`Mask.at`) written as text by `predicates.TritonOps` (floor `//` and `%` as in the IR); `i`
+  (the call's query rows) and `j` (keys) are broadcasting index tensors. The int32 buffer `AUX` holds the
+  call's query offset (entry 0: row i is at position `i + AUX[0]`) and the data of index sets, `random`
+  draws and `same` ids (then one header entry per data leaf, see `Emission` and `tiles.build_aux`). The
+  kernels pass their row index as is; the offset never needs to reach them.
 - `tile_full(m0, n0, N_K, BLOCK_M, BLOCK_N)`: for bands (and `full`), whether the tile starting at query
   `m0`, key `n0` is entirely allowed, by interval arithmetic on `i - j`; full tiles run with no mask at all.
+  It is used only in band mode, which the schedule chooses only for a query offset of 0 (`m0` is a row).
 
 The generated statements hold only numbers and operators derived from the checked IR; names (pattern,
 stages, `same` inputs) appear only in comments and docstrings, reduced to safe characters.
 
 >>> from patterndsl.ir.mask import sliding
->>> print(mask_source(sliding(2)).splitlines()[-1])
-    return ((m0 - n0 - (BLOCK_N - 1)) >= (-2)) & ((m0 + (BLOCK_M - 1) - n0) <= 2) & ((n0 + BLOCK_N) <= N_K)
+>>> print("\n".join(mask_source(sliding(2)).splitlines()[4:7]))
+    qo = tl.load(AUX)
+    ia = i + qo
+    return (((ia - j) >= (-2)) & ((ia - j) <= 2))
 """
 from __future__ import annotations
 
@@ -23,102 +28,49 @@ import functools
 import hashlib
 import importlib.util
 import os
+import re
 import sys
 import tempfile
+from dataclasses import dataclass
 
 from ...errors import PatternError
 from ...ir import mask as M
-from ...ir.predicate import evaluate
 from ...ir.program import Linear, Nested, ProgramIR, Softmax
-from .predicates import TRITON_OPS, Code, _c
-
-_I32 = (1 << 31) - 1
+from .predicates import I, J, Lookup, Member, TritonOps, _c
 CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "SPLIT", "num_warps", "num_stages")
 
 
-# ------------------------------------------------------------------------------------------ leaves
-def data_leaves(mask: M.Mask) -> tuple[M.Mask, ...]:
-    """The mask nodes that read the AUX buffer, in a fixed order: Rows, Cols, Random, Same.
-
-    AUX layout (int32): entry `k` of the header is the offset of leaf `k`'s data (`same` leaves take two
-    entries: query ids, key ids). Rows/Cols: a 0/1 flag per query/key index; Random: the drawn key blocks
-    `[ceil(N_Q / block), count]` (-1 pads); Same: ids `[B, N_Q]` then `[B, N_K]`, renumbered densely.
-    """
-    seen: list = []
-    for node in M.walk(mask):
-        if isinstance(node, (M.Rows, M.Cols, M.Random, M.Same)) and node not in seen:
-            seen.append(node)
-    return tuple(seen)
+# ---------------------------------------------------------------------------------------------- masks
+@dataclass(frozen=True)
+class Emission:
+    """The body of one mask's `mask_tile` (statements, then the returned expression) and the data leaves it
+    reads from AUX, in header order (`build_aux` writes them in this order)."""
+    lines: tuple[str, ...]
+    expr: str
+    leaves: tuple
 
 
-def header_slots(leaves) -> list[int]:
-    """The first AUX header entry of each leaf."""
-    out, k = [], 0
-    for leaf in leaves:
-        out.append(k)
-        k += 2 if isinstance(leaf, M.Same) else 1
-    return out
+_DEFS = (("qo", "qo = tl.load(AUX)", ("qo", "ia", "i64")),        # the call's query offset: AUX[0]
+         ("ia", "ia = i + qo", ("ia", "i64")),                       # the absolute query position
+         ("i64", "i64 = ia.to(tl.int64)", ("i64",)),
+         ("j64", "j64 = j.to(tl.int64)", ("j64",)),
+         ("zero32", "zero32 = (i - i) + (j - j)", ("zero32", "zero64")),
+         ("zero64", "zero64 = zero32.to(tl.int64)", ("zero64",)))
 
 
-class _MaskEmitter:
-    def __init__(self, mask: M.Mask):
-        self.leaves = data_leaves(mask)
-        self.slots = header_slots(self.leaves)
-        self.lines: list[str] = []
-        self.needs: set[str] = set()
-        self.expr = self.emit(mask)
-
-    def leaf(self, node) -> int:
-        return self.slots[self.leaves.index(node)]
-
-    def emit(self, m: M.Mask) -> str:
-        if isinstance(m, M.Full):
-            return "((i >= 0) & (j >= 0))"
-        if isinstance(m, M.Empty):
-            return "((i < 0) & (j < 0))"
-        if isinstance(m, M.Band):
-            self.needs.add("d")
-            conds = []
-            if m.lo is not None and m.lo > -_I32:
-                conds.append(f"(d >= {_c(m.lo).text})")
-            if m.hi is not None and m.hi < _I32:
-                conds.append(f"(d <= {_c(m.hi).text})")
-            if m.step > 1:  # truncated % is zero exactly when the floored one is
-                conds.append(f"((d % {min(m.step, _I32)}) == 0)")
-            return "(" + " & ".join(conds) + ")" if conds else "((i >= 0) & (j >= 0))"
-        if isinstance(m, (M.Rows, M.Cols)):
-            k = self.leaf(m)
-            x, n = ("i", "N_Q") if isinstance(m, M.Rows) else ("j", "N_K")
-            self.lines.append(f"f{k} = tl.load(AUX + tl.load(AUX + {k}) + {x}, mask={x} < {n}, other=0) != 0")
-            return f"f{k}"
-        if isinstance(m, M.Blocks):
-            s = min(m.size, 1 << 30)
-            return f"((i // {s}) == (j // {s}))"
-        if isinstance(m, M.Random):
-            k = self.leaf(m)
-            self.lines += [f"o{k} = tl.load(AUX + {k})",
-                           f"r{k} = (i < 0) & (j < 0)",
-                           f"for c in tl.static_range({m.count}):",
-                           f"    pick = tl.load(AUX + o{k} + (i // {m.block}) * {m.count} + c, mask=i < N_Q, other=-1)",
-                           f"    r{k} = r{k} | (pick == (j // {m.block}))"]
-            return f"r{k}"
-        if isinstance(m, M.Same):
-            k = self.leaf(m)
-            self.lines += [f"qid{k} = tl.load(AUX + tl.load(AUX + {k}) + b * N_Q + i, mask=i < N_Q, other=-1)",
-                           f"kid{k} = tl.load(AUX + tl.load(AUX + {k + 1}) + b * N_K + j, mask=j < N_K, other=-2)"]
-            return f"(qid{k} == kid{k})"
-        if isinstance(m, M.Where):
-            self.needs.add("64")
-            code = evaluate(m.pred, Code("i64", nonneg=True), Code("j64", nonneg=True), TRITON_OPS)
-            if code.const is not None:
-                return self.emit(M.FULL if code.const else M.EMPTY)
-            return code.text
-        if isinstance(m, (M.Union, M.Inter)):
-            sep = " | " if isinstance(m, M.Union) else " & "
-            return "(" + sep.join(self.emit(p) for p in m.parts) + ")"
-        if isinstance(m, M.Not):
-            return f"(~{self.emit(m.part)})"
-        raise TypeError(f"not a mask: {m!r}")
+@functools.lru_cache(maxsize=512)
+def emission(mask: M.Mask) -> Emission:
+    """The mask's pointwise definition (`Mask.at`) as Triton text, by `TritonOps`."""
+    ops = TritonOps()
+    code = mask.at(I, J, ops)
+    if code.const is not None:
+        expr = "((i >= 0) & (j >= 0))" if code.const else "((i < 0) & (j < 0))"
+    else:
+        expr = code.text
+    text = "\n".join(ops.lines + [expr])
+    used = set(re.findall(r"\b(qo|ia|i64|j64|zero32|zero64)\b", text))
+    defs = [line for _, line, needed_by in _DEFS if used & set(needed_by)]
+    return Emission(tuple(defs + ops.lines), expr, tuple(ops.leaves))
 
 
 def _tile_full_body(mask: M.Mask) -> str:
@@ -160,29 +112,27 @@ def _floormod(a, b):
 
 def mask_source(mask: M.Mask, suffix: str = "") -> str:
     """The `mask_tile{suffix}` and `tile_full{suffix}` functions of one mask (Triton source text)."""
-    em = _MaskEmitter(mask)
-    body = []
-    if "d" in em.needs:
-        body.append("d = i - j")
-    if "64" in em.needs:
-        body += ["i64 = i.to(tl.int64)", "j64 = j.to(tl.int64)"]
-        if "zero64" in em.expr:
-            body.append("zero64 = (i64 - i64) + (j64 - j64)")
-    body += em.lines
-    body.append(f"return {em.expr}")
-    leaves = ", ".join(M.to_source(x) for x in em.leaves) or "none"
+    em = emission(mask)
+    leaves = ", ".join(_leaf_text(x) for x in em.leaves) or "none"
     return "\n".join([
         "",
         "@triton.jit",
         f"def mask_tile{suffix}(i, j, b, N_Q, N_K, AUX):",
         f'    """Partial tiles of {_doc(M.to_source(mask))}; AUX leaves: {_doc(leaves)}."""',
-        *("    " + line for line in body),
+        *("    " + line for line in em.lines),
+        f"    return {em.expr}",
         "",
         "",
         "@triton.jit",
         f"def tile_full{suffix}(m0, n0, N_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):",
         f"    return {_tile_full_body(mask)}",
     ])
+
+
+def _leaf_text(leaf) -> str:
+    if isinstance(leaf, Member):
+        return M.to_source(M.Rows(leaf.idx) if leaf.side == "q" else M.Cols(leaf.idx))
+    return M.to_source(leaf.node) if isinstance(leaf, Lookup) else f"same({leaf.name})"
 
 
 _DOC_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_ (){}[]|&~,.=<>!+-*/%:")
@@ -229,7 +179,7 @@ def _stage_note(st) -> str:
                 f"{'causal chunked scan' if st.causal else 'non-causal'}: kernels in favor.py (no mask)")
     if isinstance(norm, Nested):
         return f"# stage {name}{heads}: causal Luna through {_doc(norm.packed, 60)}: luna.py (no mask)"
-    mode = "band (arithmetic loop bounds)" if is_band(st.mask) else "tile list from the block layout"
+    mode = "band (arithmetic loop bounds)" if is_band(st.mask) else "tile list from the sparse tile layout"
     return f"# stage {name}{heads}: softmax over {_doc(M.to_source(st.mask), 120)}; tiles: {mode}"
 
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ...errors import PatternError
 from ...ir.program import Elu1, Favor, ReluFeatures
+from ..custom import register_backward
 from .favor_bwd import favor_bwd
 from .favor_fwd import ELU1, FAVOR, RELU, favor_fwd, favor_stats
 
@@ -93,20 +94,7 @@ def _(dout, q, k, v, w, key_padding_mask, out, den, kind, causal, eps):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)   # contiguous, like the kernels'
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, w, key_padding_mask, kind, causal, eps = inputs
-    out, den = output
-    ctx.save_for_backward(q, k, v, w, key_padding_mask, out, den)
-    ctx.opts = (kind, causal, eps)
-
-
-def _backward(ctx, dout, _dden):
-    q, k, v, w, kpm, out, den = ctx.saved_tensors
-    dq, dk, dv = _linear_bwd_op(dout, q, k, v, w, kpm, out, den, *ctx.opts)
-    return dq, dk, dv, None, None, None, None, None
-
-
-_linear_op.register_autograd(_backward, setup_context=_setup_context)
+register_backward(_linear_op, _linear_bwd_op, lambda d, x, o: (d[0], *x[:5], *o, *x[5:]))
 
 
 def _align_keys(n_q: int, k, v, key_padding_mask):

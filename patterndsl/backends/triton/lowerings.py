@@ -19,7 +19,7 @@ def _softmax_work(p: Problem) -> Work:
     from ...plan.layout import tile_layout
     from .softmax import default_blocks
     bm, bn = default_blocks(p.head_dim, p.device)[:2]
-    nnz = tile_layout(p.stage.mask, p.n_q, p.n_k, bm, bn).nnz if p.n_q and p.n_k else 0
+    nnz = tile_layout(p.stage.mask, p.n_q, p.n_k, bm, bn, q_offset=p.q_offset).nnz if p.n_q and p.n_k else 0
     counts = {"triton": p.bh * nnz * bm * bn, "call": 2}
     if p.grad:
         counts["triton.bwd"] = counts["triton"]

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ...errors import PatternError
+from ..custom import register_backward
 from .luna_bwd import luna_bwd
 from .luna_fwd import inverse_counts, luna_fwd
 
@@ -39,17 +40,7 @@ def _(dout, q, k, v, p, c, key_padding_mask):
     return tuple(x.new_empty(x.shape) for x in (q, k, v, p, c))   # contiguous, like the kernels'
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, dout):
-    q, k, v, p, c, kpm = ctx.saved_tensors
-    dq, dk, dv, dp, dc = _luna_bwd_op(dout, q, k, v, p, c, kpm)
-    return dq, dk, dv, dp, dc, None
-
-
-_luna_op.register_autograd(_backward, setup_context=_setup_context)
+register_backward(_luna_op, _luna_bwd_op, lambda d, x, o: (d[0], *x), save_outputs=False)
 
 
 def nested_attention(q: Tensor, k: Tensor, v: Tensor, p: Tensor, c: Tensor,

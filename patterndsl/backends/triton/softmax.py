@@ -21,12 +21,13 @@ import torch
 from torch import Tensor
 
 from ...errors import PatternError
+from ...inputs import check_key_padding_mask
 from ...ir import mask as M
 from ..custom import flatten_ids, register, register_softmax_autograd, spec, unflatten_ids
 from .codegen import mask_module
 from .softmax_bwd import softmax_bwd
 from .softmax_fwd import softmax_fwd
-from .tiles import build_aux, make_plan
+from .tiles import build_aux, make_tile_plan
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
@@ -40,10 +41,11 @@ def default_blocks(head_dim: int, device: torch.device) -> tuple[int, int, int]:
 
 
 def _prepare(q, k, key, ids):
-    _, mask, bm, bn, split, warps = spec(key)
+    _, mask, bm, bn, split, warps, *offset = spec(key)         # interim: the offset rides in the spec
+    q_offset = offset[0] if offset else 0
     runtime = unflatten_ids(mask, ids)
-    plan = make_plan(mask, q.shape[2], k.shape[2], bm, bn, split, runtime, q.device)
-    aux = build_aux(mask, q.shape[2], k.shape[2], q.shape[0], runtime, q.device)
+    plan = make_tile_plan(mask, q.shape[2], k.shape[2], bm, bn, split, runtime, q.device, q_offset)
+    aux = build_aux(mask, q.shape[2], k.shape[2], q.shape[0], runtime, q.device, q_offset)
     return plan, mask_module(mask), aux, warps
 
 
@@ -80,23 +82,25 @@ register_softmax_autograd(_softmax_op, _softmax_bwd_op)
 
 
 # ------------------------------------------------------------------------------------------------ public
-def _check(q, k, v, key_padding_mask):
+def _check_inputs(q, k, v, key_padding_mask):
+    """What the op checks before any backend runs (`softmax_attention` may be called directly)."""
     for nm, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = f"{t.dim()} dims" if isinstance(t, torch.Tensor) else type(t).__name__
             raise PatternError(f"{nm} must be a tensor [B, H, N, D], got {got}")
+    if k.shape[3] != q.shape[3] or k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3]:
+        raise PatternError(f"q, k, v shapes do not fit: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
+    check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
+
+
+def _check_support(q, k, v):
+    """What the kernels take beyond the op's checks."""
     if q.dtype not in _DTYPES or not (q.dtype == k.dtype == v.dtype):
         raise PatternError(f"the Triton kernels take float16, bfloat16, float32 or float64 q, k, v of one dtype, "
                            f"got {q.dtype}, {k.dtype}, {v.dtype}")
     if max(q.shape[3], v.shape[3]) > MAX_HEAD_DIM:
         raise PatternError(f"the Triton kernels take head dims up to {MAX_HEAD_DIM}, got q {q.shape[3]}, "
                            f"v {v.shape[3]}", hint="use backend='torch' for larger heads")
-    if k.shape[3] != q.shape[3] or k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3]:
-        raise PatternError(f"q, k, v shapes do not fit: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
-    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
-                                         or tuple(key_padding_mask.shape) != (q.shape[0], k.shape[2])):
-        raise PatternError(f"key_padding_mask must be bool [{q.shape[0]}, {k.shape[2]}], got "
-                           f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}")
 
 
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: M.Mask, scale: float | None = None,
@@ -111,7 +115,17 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: M.Mask, scale: floa
     defaults. Returns out `[B, H, N_q, D_v]` (and lse `[B, H, N_q]` float32 if `return_lse`); float64 inputs
     are computed in float32.
     """
-    _check(q, k, v, key_padding_mask)
+    _check_inputs(q, k, v, key_padding_mask)
+    return run_softmax(q, k, v, mask, scale, key_padding_mask, runtime, block, split, return_lse)
+
+
+def run_softmax(q: Tensor, k: Tensor, v: Tensor, mask: M.Mask, scale: float | None = None,
+                key_padding_mask: Tensor | None = None, runtime: dict | None = None,
+                block: tuple[int, int] | None = None, split: int | None = None, return_lse: bool = False,
+                q_offset: int = 0):
+    """`softmax_attention` for inputs the op has checked (the backend's entry); query row r is at position
+    `q_offset + r` (interim: the offset rides in the registered spec, as the tile plan and AUX take it)."""
+    _check_support(q, k, v)
     bm, bn, warps = default_blocks(q.shape[3], q.device)
     if block is not None:
         ok = isinstance(block, (tuple, list)) and len(block) == 2 and all(
@@ -123,7 +137,7 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: M.Mask, scale: floa
         raise PatternError(f"split (most tiles per program) must be an int >= 1, got {split!r}")
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     ids = flatten_ids(mask, runtime, q.shape[0], q.shape[2], k.shape[2])
-    key = register("triton_softmax", mask, bm, bn, split, warps)
+    key = register("triton_softmax", mask, bm, bn, split, warps, int(q_offset))
     wide = q.dtype == torch.float64             # the kernels accumulate in float32: run float64 there
     if wide:
         q, k, v = q.float(), k.float(), v.float()

@@ -2,29 +2,32 @@
 
 A `WorkList` is what one kernel launch iterates: row `w` of `work` (int32 `[W, 4]`) is one program's
 `(block, start, end, slot)`. For bands and `full` (`band=True`) `start:end` is a range of *other-side block
-indices*, computed by interval arithmetic (no tile table); otherwise it is a range into `tiles`, the CSR list
-of nonempty tiles from the block layout, each coded `other_block * 2 + is_full`. A block whose list is longer
-than `split` tiles (global rows, or global columns in the backward) is cut into pieces that run in parallel;
-each piece writes into partial slot `slot` (-1: the block is not split, write the result directly), and
-`groups[g]` lists the slots of the g-th split block `group_block[g]`, merged by log-sum-exp (forward) or summed
-(gradients).
+indices*, computed by interval arithmetic (no tile table; only with no query offset); otherwise it is a range
+into `tiles`, the CSR list of nonempty tiles of the sparse `tile_layout`, each coded `other_block * 2 +
+is_full`. The work items come from the schedule helper shared with the torch backend (`plan/schedule.py`): a
+block whose list is longer than `split` tiles (global rows, or global columns in the backward) is cut into
+pieces that run in parallel; each piece writes into partial slot `slot` (-1: the block is not split, write the
+result directly), and `groups[g]` lists the slots of the g-th split block `group_block[g]`, merged by
+log-sum-exp (forward) or summed (gradients).
 
 >>> from patterndsl.ir.mask import CAUSAL
->>> plan = make_plan(CAUSAL, 64, 64, 16, 16, split=2)
->>> sorted(plan.rows.work.tolist())   # query block 3 walks key blocks 0..3 in two pieces, slots 2 and 3
-[[0, 0, 1, -1], [1, 0, 2, -1], [2, 0, 2, 0], [2, 2, 3, 1], [3, 0, 2, 2], [3, 2, 4, 3]]
+>>> plan = make_tile_plan(CAUSAL, 64, 64, 16, 16, split=2)
+>>> sorted(plan.rows.work.tolist())   # query block 3 walks key blocks 0..3 in two pieces, slots 1 and 2
+[[0, 0, 1, -1], [1, 0, 2, -1], [2, 0, 2, 0], [2, 2, 3, 3], [3, 0, 2, 1], [3, 2, 4, 2]]
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 import torch
 
 from ...ir import mask as M
-from ...plan.layout import band_bounds, block_layout, tile_lists
-from ..custom import runtime_ids
-from .codegen import data_leaves, header_slots, is_band
+from ...plan.layout import FULL, band_bounds, tile_layout
+from ...plan.schedule import WorkItems, tile_classes, work_items
+from ...plan.tiles import TileLayout
+from .codegen import emission, is_band
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,10 @@ class TilePlan:
     rows: WorkList
     cols: WorkList
 
+    def to(self, device) -> "TilePlan":
+        return TilePlan(self.block_m, self.block_n, self.n_q, self.n_k, self.band, self.rows.to(device),
+                        self.cols.to(device))
+
     def describe(self) -> str:
         mode = "band bounds" if self.band else f"tile list ({self.rows.tiles.numel()} tiles)"
         return (f"TilePlan {self.n_q}x{self.n_k} tiles {self.block_m}x{self.block_n}, {mode}: "
@@ -60,129 +67,75 @@ class TilePlan:
                 f"(longest {self.cols.longest}, {self.cols.group_block.numel()} split)")
 
 
-# ----------------------------------------------------------------------------------------- classes
-def tile_classes(mask: M.Mask, n_q: int, n_k: int, bm: int, bn: int, runtime=None) -> torch.Tensor:
-    """The closed-form block layout (int8 `[nqb, nkb]`: 0 empty, 1 partial, 2 full), with tiles cut by a
-    ragged key edge counted partial (the kernels bound-check keys only there)."""
-    cls = block_layout(mask, n_q, n_k, bm, bn, runtime=runtime).clone()
-    if n_k % bn and cls.numel():
-        cls[:, -1] = cls[:, -1].clamp(max=1)
-    return cls
+# ------------------------------------------------------------------------------------------ lists
+def _work_list(items: WorkItems, tiles: torch.Tensor) -> WorkList:
+    work = torch.stack([items.block, items.start, items.end, items.slot], 1)
+    return WorkList(work.to(torch.int32).contiguous(), tiles.to(torch.int32).contiguous(), items.slots,
+                    items.groups, items.group_blocks, items.longest)
 
 
-# ------------------------------------------------------------------------------------------ ranges
-def _band_ranges(band: M.Band, n_q: int, n_k: int, bm: int, bn: int, by: str):
-    """Per query block (`by="rows"`) or key block (`by="cols"`), the range [start, end) of the other side's
-    blocks that meet the band: the layout's arithmetic loop bounds, end = start when none do."""
-    first, last = band_bounds(band, n_q, n_k, bm, bn, by)
-    return first, last + 1
+def _band_lists(mask, n_q, n_k, bm, bn, split) -> tuple[WorkList, WorkList]:
+    """Arithmetic loop bounds of a band (or `full`, the unbounded band): no tile table."""
+    band = mask if isinstance(mask, M.Band) else M.Band(None, None, 1)
+    none = torch.zeros(0, dtype=torch.long)
+    lists = []
+    for by in ("rows", "cols"):
+        first, last = band_bounds(band, n_q, n_k, bm, bn, by)
+        lists.append(_work_list(work_items(first, last + 1, split), none))
+    return lists[0], lists[1]
 
 
-def _csr(cls: torch.Tensor):
-    """The layout's CSR as (starts, ends, codes `other_block * 2 + is_full`)."""
-    row_ptr, col_idx, is_full = tile_lists(cls)
-    row_ptr = row_ptr.long()
-    return row_ptr[:-1], row_ptr[1:], col_idx.long() * 2 + is_full.long()
+def _layout_lists(layout: TileLayout):
+    """(row_ptr, tiles) of the sparse layout and of its transpose (the backward's dk, dv walk key blocks),
+    each tile coded `other_block * 2 + is_full`, the ragged last key tile partial."""
+    kernel = dataclasses.replace(layout, cls=tile_classes(layout))
+    return [(lay.row_ptr, lay.col_idx * 2 + (lay.cls == FULL).long()) for lay in (kernel, kernel.transpose())]
 
 
-def _split(starts: torch.Tensor, ends: torch.Tensor, tiles: torch.Tensor, split: int | None) -> WorkList:
-    lengths = ends - starts
-    if split is None:
-        nonempty = lengths[lengths > 0]
-        mean = float(nonempty.float().mean()) if nonempty.numel() else 1.0
-        split = max(8, 2 * int(-(-mean // 1)))
-    pieces = torch.clamp(-(-lengths // split), min=1)
-    blk = torch.repeat_interleave(torch.arange(lengths.numel()), pieces)
-    first = torch.cumsum(pieces, 0) - pieces
-    k = torch.arange(blk.numel()) - first[blk]
-    s = starts[blk] + k * split
-    e = torch.minimum(s + split, ends[blk])
-    e = torch.maximum(e, s)
-    is_split = pieces[blk] > 1
-    slot = torch.full_like(blk, -1)
-    slot[is_split] = torch.arange(int(is_split.sum()))
-    split_blocks = torch.nonzero(pieces > 1).flatten()
-    width = int(pieces.max()) if split_blocks.numel() else 0
-    groups = torch.full((split_blocks.numel(), width), -1, dtype=torch.long)
-    if split_blocks.numel():
-        sel = torch.nonzero(is_split).flatten()
-        row = torch.searchsorted(split_blocks, blk[sel])
-        groups[row, k[sel]] = slot[sel]
-    work = torch.stack([blk, s, e, slot], 1)
-    work = work[torch.argsort(e - s, descending=True, stable=True)]  # longest first
-    return WorkList(work.to(torch.int32).contiguous(), tiles.to(torch.int32).contiguous(), int(is_split.sum()),
-                    groups, split_blocks, int((e - s).max()) if e.numel() else 0)
-
-
-# -------------------------------------------------------------------------------------------- plans
-def _build(mask, n_q, n_k, bm, bn, split, runtime) -> TilePlan:
-    if is_band(mask):
-        band = mask if isinstance(mask, M.Band) else M.Band(None, None, 1)     # `full`: the unbounded band
-        none = torch.zeros(0, dtype=torch.long)
-        rows = _split(*_band_ranges(band, n_q, n_k, bm, bn, "rows"), none, split)
-        cols = _split(*_band_ranges(band, n_q, n_k, bm, bn, "cols"), none, split)
+def _build(mask, n_q, n_k, bm, bn, split, runtime, q_offset) -> TilePlan:
+    if is_band(mask) and q_offset == 0:     # tile_full reads rows, not positions: bands with an offset use lists
+        rows, cols = _band_lists(mask, n_q, n_k, bm, bn, split)
         return TilePlan(bm, bn, n_q, n_k, True, rows, cols)
-    cls = tile_classes(mask, n_q, n_k, bm, bn, runtime)
-    rows = _split(*_csr(cls), split)
-    cols = _split(*_csr(cls.t().contiguous()), split)
-    return TilePlan(bm, bn, n_q, n_k, False, rows, cols)
+    layout = tile_layout(mask, n_q, n_k, bm, bn, runtime, q_offset)
+    out = []
+    for row_ptr, tiles in _layout_lists(layout):
+        out.append(_work_list(work_items(row_ptr[:-1], row_ptr[1:], split), tiles))
+    return TilePlan(bm, bn, n_q, n_k, False, out[0], out[1])
 
 
 @functools.lru_cache(maxsize=128)
-def _cached(mask, n_q, n_k, bm, bn, split, device) -> TilePlan:
-    plan = _build(mask, n_q, n_k, bm, bn, split, None)
-    return TilePlan(bm, bn, n_q, n_k, plan.band, plan.rows.to(device), plan.cols.to(device))
+def _cached(mask, n_q, n_k, bm, bn, split, device, q_offset) -> TilePlan:
+    return _build(mask, n_q, n_k, bm, bn, split, None, q_offset).to(device)
 
 
-def make_plan(mask: M.Mask, n_q: int, n_k: int, block_m: int, block_n: int, split: int | None = None,
-              runtime: dict | None = None, device="cpu") -> TilePlan:
+def make_tile_plan(mask: M.Mask, n_q: int, n_k: int, block_m: int, block_n: int, split: int | None = None,
+                   runtime: dict | None = None, device="cpu", q_offset: int = 0) -> TilePlan:
     """The schedule of `mask` at `n_q x n_k` with `block_m x block_n` tiles; `split` caps the tiles one program
-    walks (None: twice the mean nonempty row, at least 8). Cached unless the mask reads runtime ids."""
+    walks (None: twice the mean nonempty row, at least 8); query row r is at position `q_offset + r`. Cached
+    unless the mask reads runtime ids."""
     if M.runtime_inputs(mask):
-        plan = _build(mask, n_q, n_k, block_m, block_n, split, runtime)
-        return TilePlan(block_m, block_n, n_q, n_k, plan.band, plan.rows.to(device), plan.cols.to(device))
-    return _cached(mask, n_q, n_k, block_m, block_n, split, torch.device(device))
+        return _build(mask, n_q, n_k, block_m, block_n, split, runtime, q_offset).to(device)
+    return _cached(mask, n_q, n_k, block_m, block_n, split, torch.device(device), q_offset)
 
 
 # ---------------------------------------------------------------------------------------------- aux
-def build_aux(mask: M.Mask, n_q: int, n_k: int, batch: int, runtime: dict | None, device) -> torch.Tensor:
-    """The int32 AUX buffer the generated `mask_tile` reads (layout in `codegen.data_leaves`)."""
-    leaves = data_leaves(mask)
+def build_aux(mask: M.Mask, n_q: int, n_k: int, batch: int, runtime: dict | None, device,
+              q_offset: int = 0) -> torch.Tensor:
+    """The int32 AUX buffer the generated `mask_tile` reads: the query offset, one header entry per part of
+    each data leaf (its offset), then the leaves' data (`codegen.emission` lists them)."""
     if not M.runtime_inputs(mask):   # no leaves, or leaves fixed by the shapes: built once
-        return _static_aux(mask if leaves else M.FULL, n_q if leaves else 0, n_k if leaves else 0,
-                           torch.device(device))
-    return _aux(leaves, n_q, n_k, batch, runtime, device)
+        return _static_aux(mask, n_q, n_k, q_offset, torch.device(device))
+    return _aux(mask, n_q, n_k, batch, runtime, q_offset, device)
 
 
 @functools.lru_cache(maxsize=128)
-def _static_aux(mask, n_q, n_k, device):
-    leaves = data_leaves(mask)
-    return _aux(leaves, n_q, n_k, 0, None, device) if leaves else torch.zeros(1, dtype=torch.int32, device=device)
+def _static_aux(mask, n_q, n_k, q_offset, device):
+    return _aux(mask, n_q, n_k, 0, None, q_offset, device)
 
 
-def _aux(leaves, n_q, n_k, batch, runtime, device) -> torch.Tensor:
-    slots = header_slots(leaves)
-    n_hdr = slots[-1] + (2 if isinstance(leaves[-1], M.Same) else 1)
-    parts, offsets = [], []
-    pos = n_hdr
-    for leaf in leaves:
-        if isinstance(leaf, (M.Rows, M.Cols)):
-            n = n_q if isinstance(leaf, M.Rows) else n_k
-            idx = torch.tensor(sorted(x for x in leaf.idx if x < n), dtype=torch.long)
-            data = [torch.zeros(n, dtype=torch.int32).index_fill_(0, idx, 1)]
-        elif isinstance(leaf, M.Random):
-            chosen = M.random_blocks(leaf.count, leaf.block, leaf.seed, n_q, n_k)
-            table = torch.full((chosen.shape[0], leaf.count), -1, dtype=torch.int32)
-            table[:, :chosen.shape[1]] = chosen.to(torch.int32)
-            data = [table.flatten()]
-        else:
-            q_ids, k_ids = runtime_ids(leaf.name, runtime, batch, n_q, n_k)
-            both = torch.cat([q_ids.reshape(-1), k_ids.reshape(-1)]).to(device)
-            dense = torch.unique(both, return_inverse=True)[1].to(torch.int32)
-            data = [dense[:q_ids.numel()], dense[q_ids.numel():]]
-        for d in data:
-            offsets.append(pos)
-            parts.append(d.to(device))
-            pos += d.numel()
-    head = torch.tensor(offsets, dtype=torch.int32, device=device)
-    return torch.cat([head] + parts).contiguous()
+def _aux(mask, n_q, n_k, batch, runtime, q_offset, device) -> torch.Tensor:
+    parts = [d for leaf in emission(mask).leaves for d in leaf.data(n_q, n_k, q_offset, batch, runtime)]
+    sizes = torch.tensor([0] + [d.numel() for d in parts], dtype=torch.long)
+    offsets = 1 + len(parts) + torch.cumsum(sizes, 0)[:-1]
+    head = torch.cat([torch.tensor([q_offset]), offsets]).to(torch.int32)
+    return torch.cat([head] + [d.to(torch.int32) for d in parts]).to(device).contiguous()

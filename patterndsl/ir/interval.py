@@ -151,7 +151,7 @@ INTERVAL_OPS = IntervalOps()
 
 def tile_truth(pred, r0, r1, c0, c1) -> Truth:
     """The truth of `pred` over tiles with rows [r0, r1] and columns [c0, c1] (broadcastable int tensors)."""
-    from ..ir.predicate import evaluate
+    from .predicate import evaluate
     i = Interval(r0.double(), r1.double())
     j = Interval(c0.double(), c1.double())
     return _truth(evaluate(pred, i, j, INTERVAL_OPS))
