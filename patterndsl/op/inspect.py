@@ -71,7 +71,9 @@ class InspectionMixin:
                 heads: int | None = None, grad: bool = False, kv_heads: int | None = None, q_offset: int = 0):
         """The `Plan` for these shapes: per stage every candidate lowering with its predicted time, the chosen
         one and why, heads and mask, tiles, symbolic costs, and the N from which it beats dense attention."""
+        from ..backends import declare_all
         from ..plan.plan import make_plan
+        declare_all()
         return make_plan(self, seq_len=seq_len, head_dim=head_dim, device=torch.device(device), dtype=dtype,
                          batch=batch, heads=heads, grad=grad, kv_heads=kv_heads, q_offset=q_offset)
 

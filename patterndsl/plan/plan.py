@@ -125,9 +125,8 @@ def make_plan(op, seq_len: int, head_dim: int = 64, device=torch.device("cpu"), 
               batch: int = 1, heads: int | None = None, grad: bool = False, kv_heads: int | None = None,
               q_offset: int = 0) -> Plan:
     """The plan for `op` at these shapes (cached); `kv_heads` < heads: grouped-query attention; `q_offset`:
-    the queries' first position."""
-    from ..backends import declare_all
-    declare_all()
+    the queries' first position. The backends' lowerings must be declared (`patterndsl.backends.declare_all`;
+    the op does it): the plan layer reads declarations and never imports a backend."""
     heads = heads or op.ir.num_heads or 4
     device = torch.device(device)
     return _plan(op.ir, int(seq_len), int(head_dim), device, dtype, op.backend, int(batch), int(heads),

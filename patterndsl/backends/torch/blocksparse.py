@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...plan.schedule import merge_by_lse
 from .flash import NEG_INF, additive, flash_bwd, flash_fwd, runs
 from .schedule import Schedule
 
@@ -154,14 +155,17 @@ def blocksparse_fwd(q, k, v, sched: Schedule, scale: float, key_padding_mask=Non
         if chunk.split.numel():
             part_o.index_copy_(2, chunk.slots, o[:, :, chunk.split])
             part_lse.index_copy_(2, chunk.slots, row_lse[:, :, chunk.split].to(lse_type))
-    if sched.group_tiles.numel():
-        po, pl = part_o[:, :, sched.groups], part_lse[:, :, sched.groups]     # [B, H, G, P, bm(, Dv)]
-        total = torch.logsumexp(pl, dim=3)                                   # [B, H, G, bm]
-        w = torch.exp(pl - total.masked_fill(total == NEG_INF, 0.0)[:, :, :, None]).to(po.dtype)
-        out.index_copy_(2, sched.group_tiles, (w[..., None] * po).sum(3))
-        lse.index_copy_(2, sched.group_tiles, total)
+    _merge_split_rows(out, lse, part_o, part_lse, sched)
     n_q = g.n_q
     return out.view(B, H, -1, Dv)[:, :, :n_q], lse.view(B, H, -1)[:, :, :n_q]
+
+
+def _merge_split_rows(out, lse, part_o, part_lse, sched: Schedule) -> None:
+    """Rows split over several work items: their pieces merged by log-sum-exp into `out`, `lse` (in place)."""
+    if sched.group_tiles.numel():
+        merged, total = merge_by_lse(part_o[:, :, sched.groups], part_lse[:, :, sched.groups], dim=3)
+        out.index_copy_(2, sched.group_tiles, merged.to(out.dtype))
+        lse.index_copy_(2, sched.group_tiles, total.to(lse.dtype))
 
 
 def _bmm_fwd(q, k, v, sched: Schedule, scale: float, key_padding_mask=None):
@@ -192,12 +196,7 @@ def _bmm_fwd(q, k, v, sched: Schedule, scale: float, key_padding_mask=None):
         if chunk.split.numel():
             part_o.index_copy_(2, chunk.slots, o[:, :, chunk.split])
             part_lse.index_copy_(2, chunk.slots, row_lse[:, :, chunk.split])
-    if sched.group_tiles.numel():
-        po, pl = part_o[:, :, sched.groups], part_lse[:, :, sched.groups]     # [B, H, G, P, bm(, Dv)]
-        total = torch.logsumexp(pl, dim=3)                                   # [B, H, G, bm]
-        w = torch.exp(pl - total.masked_fill(total == NEG_INF, 0.0)[:, :, :, None])
-        out.index_copy_(2, sched.group_tiles, (w[..., None] * po).sum(3))
-        lse.index_copy_(2, sched.group_tiles, total)
+    _merge_split_rows(out, lse, part_o, part_lse, sched)
     return _q_untiled(out, g, G), _q_untiled(lse, g, G)
 
 

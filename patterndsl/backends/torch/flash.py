@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from ...plan.schedule import merge_by_lse
+
 _FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 NEG_INF = float("-inf")
@@ -87,10 +89,7 @@ def flash_bwd(dout, q, k, v, out, lse, scale: float, mask: torch.Tensor | None =
 
 
 def merge(out_a, lse_a, out_b, lse_b):
-    """Two softmax pieces of the same rows merged by log-sum-exp: (out, lse); rows empty in both stay 0/-inf.
-    Overwrites `out_a` and `out_b` (pieces are temporaries)."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    safe = lse.masked_fill(torch.isneginf(lse), 0.0)
-    wa = torch.exp(lse_a - safe)[..., None].to(out_a.dtype)
-    wb = torch.exp(lse_b - safe)[..., None].to(out_b.dtype)
-    return out_a.mul_(wa).add_(out_b.mul_(wb)), lse
+    """Two softmax pieces of the same rows merged by log-sum-exp (`plan.schedule.merge_by_lse`): (out, lse);
+    rows empty in both stay 0/-inf."""
+    out, lse = merge_by_lse(torch.stack([out_a, out_b]), torch.stack([lse_a, lse_b]), 0)
+    return out.to(out_a.dtype), lse
