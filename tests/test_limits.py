@@ -242,3 +242,14 @@ def test_limits_module_constants_agree_with_the_docs():
     assert limits.POSITION_LIMIT == 2 ** 31 and "2^31" in doc
     assert limits.WHERE_LIMIT == 2 ** 63 and "2^63" in doc
     assert f"{MAX_DEPTH}" in doc
+
+
+@pytest.mark.parametrize("form", ["over if true then {e} else causal", "over if true then causal else {e}"])
+def test_printing_a_program_at_the_nesting_limit_keeps_it_parseable(form):
+    from patterndsl.grammar.parser import parse_module
+    from patterndsl.grammar.printer import print_module
+    e = "sliding(1)"
+    for _ in range(MAX_DEPTH - 1):   # the deepest chain of `if`s the parser accepts
+        e = form.removeprefix("over ").format(e=e)
+    text = print_module(parse_module(f"pattern p() {{ attend softmax over {e} }}", "deep.attn"))
+    assert print_module(parse_module(text, "printed.attn")) == text

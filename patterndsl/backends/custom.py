@@ -22,15 +22,39 @@ from ..errors import PatternError
 from ..ir import mask as M
 
 _SPECS: dict[str, tuple] = {}
+_MASKS: dict[str, M.Mask] = {}  # mask_key -> mask
+
+
+def register(*spec) -> str:
+    """The key of `spec` (hashable, printable values; the first names the op), registered for `spec(key)`.
+
+    Masks in `spec` travel as their own keys (`mask_key`), so what torch.compile folds below is a call on
+    plain strings and numbers: dynamo (torch 2.11) cannot hand a frozen dataclass to a constant function."""
+    return _register(*(mask_key(x) if isinstance(x, M.Mask) else x for x in spec))
 
 
 @torch.compiler.assume_constant_result
-def register(*spec) -> str:
-    """The key of `spec` (hashable, printable values; the first names the op), registered for `spec(key)`.
-    Variadic so that torch.compile sees plain arguments it can fold, not a tuple built while tracing."""
-    key = hashlib.sha1(repr(spec).encode()).hexdigest()[:24]
-    _SPECS.setdefault(key, spec)
+def _register(*parts) -> str:
+    """Variadic so that torch.compile sees plain arguments it can fold, not a tuple built while tracing."""
+    key = hashlib.sha1(repr(parts).encode()).hexdigest()[:24]
+    _SPECS.setdefault(key, tuple(_MASKS.get(x, x) if isinstance(x, str) else x for x in parts))
     return key
+
+
+def mask_key(mask: M.Mask) -> str:
+    """A string naming `mask` (its content hash), remembered on the mask; `prime` computes it before tracing."""
+    key = mask.__dict__.get("_custom_key")
+    if key is None:
+        key = "mask:" + hashlib.sha1(repr(mask).encode()).hexdigest()[:24]
+        _MASKS.setdefault(key, mask)
+        object.__setattr__(mask, "_custom_key", key)  # a cache beside the fields: equality and hash ignore it
+    return key
+
+
+def prime(masks) -> None:
+    """Compute the keys of `masks` now (when an op is built), not while torch.compile traces a call."""
+    for m in masks:
+        mask_key(m)
 
 
 def spec(key: str) -> tuple:

@@ -77,7 +77,7 @@ def print_attend(a: ast.Attend) -> str:
     if a.keys is not None:
         out.append(f"keys {a.keys.id}")
     if a.mask is not None:
-        out.append(f"over {_wrap(a.mask, 1)}")
+        out.append(f"over {print_expr(a.mask)}")  # `over if ...` parses as is: no extra nesting level
     text = " ".join(out)
     return text + "".join(f", {o.name} = {print_expr(o.value)}" for o in a.options)
 

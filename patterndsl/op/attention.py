@@ -58,6 +58,8 @@ class AttentionOp(ProjectionsMixin, InspectionMixin):
         self._lowered: dict = {}     # (stage, shape class, calibration, pins) -> the lowering it runs with
         self._fast: dict = {}        # (stage, exact shapes, ..., calibration, pins) -> that lowering
         track(self)
+        from ..backends.custom import prime
+        prime(st.mask for st in ir.stages)  # the custom ops' mask keys, computed before any tracing
         try:  # resolve imports now, not while torch.compile traces a call; a device it cannot use errors there
             self._stage_backends(_default_device())
         except PatternError:
