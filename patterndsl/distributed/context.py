@@ -1,0 +1,136 @@
+"""`ContextParallel`: a compiled op run with q, k, v sharded along the sequence over a process group.
+
+Values of the program are either sharded (the inputs, and stages whose queries are sharded: each rank holds
+its rows) or replicated (learned params such as Luna's `p`, and stages whose queries are replicated). Each
+stage runs by the kinds of its queries and keys:
+
+| stage | queries, keys | how |
+|---|---|---|
+| softmax | sharded, sharded | halo exchange from the layout + global rows split (`softmax.py`) |
+| softmax | replicated, sharded | each rank against its keys, merged by log-sum-exp (Luna's pack) |
+| softmax | sharded, replicated | local (Luna's unpack) |
+| linear | sharded, sharded | all-reduced sums, or a scan of prefix states when causal (`linear.py`) |
+| nested | sharded, sharded | prefix sums from the segments before (`nested.py`) |
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import PatternError
+from ..ir import mask as M
+from ..ir.program import INPUT, Linear, Softmax
+from .balance import choose
+from .comm import Comm
+from .halo import halo_plan
+from .linear import sharded_linear
+from .nested import sharded_nested
+from .sharding import Sharding
+from .softmax import local_softmax, sharded_softmax, split_softmax
+
+
+class ContextParallel:
+    """Call as the op, with this rank's shards: `cp(q, k, v, key_padding_mask=None, **inputs)`.
+
+    q, k `[B, H, n, D]`, v `[B, H, n, D_v]` and `key_padding_mask` `[B, n]` hold this rank's n positions
+    (`cp.positions`, in order; `cp.shard(x)` cuts them from a full tensor); learned params (Luna's `p`) are
+    passed whole on every rank. Returns this rank's rows of each sharded output and the whole of each
+    replicated one (Luna: `(out rows, packed)`). Gradients: the sharded inputs get their rows of the
+    single-process gradient (of the sum of every rank's loss); a replicated input gets this rank's part,
+    to be summed over ranks as the model's other parameter gradients are.
+    """
+
+    def __init__(self, op, seq_len: int, group=None, sharding="auto"):
+        from ..api import compile as compile_op
+        self.op = op if hasattr(op, "ir") else compile_op(op)
+        self.comm = Comm(group)
+        self.sharding: Sharding = choose(self.op, seq_len, self.comm.world_size, sharding)
+        self.seq_len = seq_len
+        for st in self.op.ir.stages:
+            if M.runtime_inputs(st.mask):
+                raise PatternError(f"patterndsl.distributed: stage {st.name} reads runtime ids "
+                                   f"({', '.join(M.runtime_inputs(st.mask))}), which it cannot shard yet",
+                                   hint="run same(...) masks unsharded")
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """The absolute positions of this rank's rows, in local order."""
+        return self.sharding.positions(self.rank)
+
+    @property
+    def bytes_sent(self) -> dict[str, int]:
+        """Bytes this rank has sent so far, by phase ("forward", "backward")."""
+        return dict(self.comm.sent)
+
+    def shard(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """This rank's rows of a full tensor (sequence along `dim`)."""
+        return self.sharding.shard(x, self.rank, dim)
+
+    def gather(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """The full tensor from every rank's rows (for looking and testing; not differentiable)."""
+        sizes = self.sharding.sizes
+        most = max(sizes)
+        pad = list(x.shape)
+        pad[dim] = most - x.shape[dim]
+        every = self.comm.all_gather(torch.cat([x.detach(), x.new_zeros(pad)], dim))
+        return self.sharding.unshard([every[r].narrow(dim, 0, sizes[r]) for r in range(len(sizes))], dim)
+
+    # -------------------------------------------------------------------------------------------- running
+    def __call__(self, q, k, v, key_padding_mask=None, **inputs):
+        op, sh = self.op, self.sharding
+        self._check(q, k, v, key_padding_mask)
+        op._validate(q, k, v, key_padding_mask, inputs)
+        values = {n: op._param(n, inputs[n], q) for n, _ in op.ir.params}
+        sharded = {INPUT}
+        for st in op.ir.stages:
+            qs = q if st.query == INPUT else values[st.query]
+            ks, vs = (k, v) if st.keys == INPUT else (values[st.keys], values[st.keys])
+            kpm = key_padding_mask if st.keys == INPUT else None
+            if st.heads is not None:
+                a, b = st.heads
+                qs, ks, vs = qs[:, a:b], ks[:, a:b], vs[:, a:b]
+            kinds = (st.query in sharded, st.keys in sharded)
+            values[st.name] = self._stage(st, kinds, qs, ks, vs, kpm, values, inputs)
+            if kinds[0]:
+                sharded.add(st.name)
+        if op.ir.by_heads:
+            return torch.cat([values[o] for o in op.ir.outputs], dim=1)
+        outs = tuple(values[o] for o in op.ir.outputs)
+        return outs[0] if len(outs) == 1 else outs
+
+    def _stage(self, st, kinds, q, k, v, kpm, values, inputs):
+        comm, sh, norm = self.comm, self.sharding, st.normaliser
+        if isinstance(norm, Softmax):
+            scale = norm.scale if norm.scale is not None else q.shape[-1] ** -0.5
+            if kinds == (True, True):
+                return sharded_softmax(comm, halo_plan(st.mask, sh), q, k, v, kpm, scale)
+            if kinds == (False, True):
+                return split_softmax(comm, sh, st.mask, q, k, v, kpm, scale)
+            if kinds == (True, False):
+                return local_softmax(sh, comm.rank, st.mask, q, k, v, scale)
+            from ..backends.torch.softmax import softmax_attention
+            return softmax_attention(q, k, v, st.mask, scale=scale)
+        if kinds != (True, True):
+            raise PatternError(f"patterndsl.distributed runs {type(norm).__name__.lower()} stages over sharded "
+                               f"queries and keys only; stage {st.name} has replicated ones")
+        if isinstance(norm, Linear):
+            w = self.op.projection(st, q.shape[-1], q.device, q.dtype)
+            return sharded_linear(comm, sh, norm.feature_map, w, q, k, v, kpm, causal=st.causal)
+        p, c = values[norm.packed], inputs["c"]
+        if st.heads is not None:
+            p, c = p[:, st.heads[0]:st.heads[1]], c[:, st.heads[0]:st.heads[1]]
+        return sharded_nested(comm, sh, q, k, v, p, c, kpm)
+
+    def _check(self, q, k, v, kpm) -> None:
+        n = self.sharding.sizes[self.rank]
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[2] != n:
+                raise PatternError(f"rank {self.rank} holds {n} of the {self.seq_len} positions, but {name} has "
+                                   f"{t.shape[2]} rows (shape [{', '.join(map(str, t.shape))}])",
+                                   hint="pass this rank's shard: cp.shard(x) cuts it from the full tensor")
+        if isinstance(kpm, torch.Tensor) and kpm.dim() == 2 and kpm.shape[1] != n:
+            raise PatternError(f"key_padding_mask must be this rank's [B, {n}] shard, got "
+                               f"[{', '.join(map(str, kpm.shape))}]", hint="cp.shard(mask, dim=1)")
