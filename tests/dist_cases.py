@@ -76,3 +76,9 @@ def run_cases(rank, world, cases):
         except Exception as e:
             raise RuntimeError(f"case {c['id']}: {e}") from e
     return out
+
+
+def fail_on_rank_one(rank, world):
+    if rank == 1:
+        raise ValueError(f"rank {rank} of {world} says no")
+    return rank

@@ -135,7 +135,7 @@ def _split(comm: Comm, sh, mask, q_rep, rows, k, v, kpm, scale, n_q, g: _Graph):
 
 def _split_backward(comm: Comm, g: _Graph, dmerged):
     """The gradient of this rank's part, from every rank's gradient of the merged rows."""
-    total = comm.all_reduce(dmerged if dmerged is not None else torch.zeros_like(g.merged))
+    total = comm.all_reduce(dmerged.to(g.merged.dtype) if dmerged is not None else torch.zeros_like(g.merged))
     return torch.autograd.grad(g.merged, g.gathered, total.to(g.merged.dtype))[0][comm.rank]
 
 
