@@ -85,3 +85,16 @@ def test_sweep(world):
     res = {world: _run(SWEEP, world)}
     for c in SWEEP:
         _check(res, world, c)
+
+
+def test_the_example_runs_and_checks_itself():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, str(root / "examples" / "context_parallel.py"), "-n", "2048",
+                        "--world-size", "2"], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "contiguous sharding of 2048 tokens over 2 ranks" in r.stdout and "rank 1: 1024 rows" in r.stdout

@@ -1,7 +1,7 @@
 """Shardings: which token positions each rank holds, as ascending segments (contiguous, zig-zag, or given).
 
 A rank's local tensors are its segments' rows in ascending order (`positions(rank)`). Boundaries fall on
-multiples of an alignment (64 positions, halved while a chunk would hold fewer than two), so halos and key
+multiples of an alignment (64 positions, halved while a chunk would hold fewer than eight), so halos and key
 buffers start on tile edges; the last chunk takes the remainder, so any length works.
 
 >>> s = contiguous(10, 2, align=1)
@@ -119,7 +119,7 @@ class Sharding:
 
 
 def _alignment(n: int, chunks: int, align: int) -> int:
-    while align > 1 and n < 2 * align * chunks:
+    while align > 1 and n < 8 * align * chunks:       # boundaries move a chunk by at most 1/8
         align //= 2
     return max(align, 1)
 
