@@ -51,7 +51,8 @@ def _ring_forward(cp, q, k, v):
     sh, mask = cp.sharding, cp.op.ir.stages[0].mask
     every = _ring_kv(cp.comm, torch.cat([k, v], -1), sh.sizes)
     full = sh.unshard(every)
-    outs = [softmax_attention(q[:, :, o:o + e - a], full[..., :D], full[..., D:], Region(mask, a, 0, sh.seq_len, sh.seq_len))
+    n = sh.seq_len
+    outs = [softmax_attention(q[:, :, o:o + e - a], full[..., :D], full[..., D:], Region(mask, a, 0, n, n))
             for (a, e), o in zip(sh.segments[cp.rank], sh.offsets(cp.rank))]
     return torch.cat(outs, 2)
 

@@ -9,9 +9,9 @@ import patterndsl as pd
 from patterndsl.distributed import ContextParallel
 
 
-def _inputs(op, n, B, H, D, seed, padding):
+def _inputs(op, n, B, H, D, seed, padding, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)   # noqa: E731
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)   # noqa: E731
     q, k, v = rnd(B, H, n, D), rnd(B, H, n, D), rnd(B, H, n, D)
     extra = {}
     for name, length in op.ir.params:
@@ -29,14 +29,16 @@ def _flat(out):
 
 
 def run_case(rank, world, case):
-    name, params, n, sharding, padding = case["pattern"], case.get("params", {}), case["n"], case.get("sharding", "auto"), case.get("padding", False)
+    name, params, n = case["pattern"], case.get("params", {}), case["n"]
+    sharding, padding = case.get("sharding", "auto"), case.get("padding", False)
     B, H, D = case.get("B", 2), case.get("H", 2), case.get("D", 8)
     op = pd.compile(name, **params)
-    q, k, v, kpm, extra, g = _inputs(op, n, B, H, D, case.get("seed", 0), padding)
+    dtype = getattr(torch, case.get("dtype", "float64"))
+    q, k, v, kpm, extra, g = _inputs(op, n, B, H, D, case.get("seed", 0), padding, dtype)
     sharded = {"c"}
     leaves = [x.requires_grad_() for x in (q, k, v, *extra.values())]
     outs = _flat(op(q, k, v, key_padding_mask=kpm, **extra))
-    gouts = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
+    gouts = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype) for o in outs]
     grads = torch.autograd.grad(sum((o * go).sum() for o, go in zip(outs, gouts)), leaves, allow_unused=True)
     cp = ContextParallel(op, n, sharding=sharding)
     lq, lk, lv = (cp.shard(x.detach()).requires_grad_() for x in (q, k, v))
@@ -49,7 +51,7 @@ def run_case(rank, world, case):
         is_sharded = lo.shape[2] != o.shape[2] or x == 0
         want = cp.shard(o.detach()) if is_sharded else o.detach()
         lgouts.append(cp.shard(go) if is_sharded else go / world)
-        errs[f"out{x}"] = (lo.detach() - want).abs().max().item() if want.numel() else 0.0
+        errs[f"out{x}"] = (lo.detach() - want).abs().max().double().item() if want.numel() else 0.0
     lleaves = [lq, lk, lv, *lextra.values()]
     lgrads = torch.autograd.grad(sum((o * go).sum() for o, go in zip(louts, lgouts)), lleaves, allow_unused=True)
     names = ["dq", "dk", "dv", *("d" + nm for nm in extra)]
@@ -62,7 +64,7 @@ def run_case(rank, world, case):
             lg = lg.clone()
             dist.all_reduce(lg)
             want = gr
-        errs[nm] = (lg - want).abs().max().item() if want.numel() else 0.0
+        errs[nm] = (lg - want).abs().max().double().item() if want.numel() else 0.0
     errs["_bytes"] = cp.bytes_sent
     errs["_sharding"] = cp.sharding.kind
     return errs

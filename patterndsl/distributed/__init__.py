@@ -8,8 +8,9 @@ its sums or prefix states. See docs/distributed.md.
 
 >>> import patterndsl as pd
 >>> from patterndsl.distributed import plan_sharding
->>> print(plan_sharding(pd.compile("longformer", window=64), 1024, 4))
-contiguous sharding of 1024 tokens over 4 ranks (rank 0: [0, 256); rank 1: [256, 512); rank 2: [512, 768); rank 3: [768, 1024))
+>>> sh = plan_sharding(pd.compile("longformer", window=64), 1024, 4)
+>>> sh.kind, sh.segments[1]
+('contiguous', ((256, 512),))
 """
 from __future__ import annotations
 

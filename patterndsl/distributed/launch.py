@@ -17,6 +17,8 @@ import traceback
 
 from ..errors import PatternError
 
+GRACE = 5.0   # seconds to wait for the other ranks' errors after the first
+
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now."""
@@ -40,6 +42,36 @@ def _worker(rank, world_size, port, fn, args, results, threads, timeout):
         results.put((rank, False, traceback.format_exc()))
 
 
+def _collect(results, procs, world_size: int, timeout: float) -> dict:
+    """Every rank's result; on a failure, the failures that arrive within `GRACE` seconds, the first
+    rank's in full (the others often only say that a peer went away)."""
+    got, failed, deadline = {}, {}, time.monotonic() + timeout
+    while len(got) + len(failed) < world_size:
+        try:
+            rank, ok, value = results.get(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+        except queue.Empty:
+            if time.monotonic() > deadline:
+                break
+            if any(p.exitcode not in (None, 0) for p in procs) and results.empty():
+                raise PatternError(f"a distributed worker died: exit codes {[p.exitcode for p in procs]}") from None
+            continue
+        (got if ok else failed)[rank] = value
+        if failed:
+            deadline = min(deadline, time.monotonic() + GRACE)
+    if failed:
+        first = min(failed, key=lambda r: (_peer_gone(failed[r]), r))
+        others = ", ".join(str(r) for r in sorted(failed) if r != first)
+        raise PatternError(f"rank {first} failed" + (f" (and ranks {others})" if others else "") + f":\n{failed[first]}")
+    if len(got) < world_size:
+        raise PatternError(f"distributed run timed out after {timeout:g} s ({len(got)} of {world_size} ranks "
+                           f"finished)")
+    return got
+
+
+def _peer_gone(trace: str) -> bool:
+    return "Connection closed by peer" in trace or "Connection reset" in trace
+
+
 def launch(fn, world_size: int, *args, timeout: float = 120.0, threads: int = 1, start_method: str = "forkserver"):
     """`[fn(rank, world_size, *args) for rank in range(world_size)]`, each in its own process of a gloo group."""
     import multiprocessing as mp
@@ -52,22 +84,8 @@ def launch(fn, world_size: int, *args, timeout: float = 120.0, threads: int = 1,
              for r in range(world_size)]
     for p in procs:
         p.start()
-    got, deadline = {}, time.monotonic() + timeout
     try:
-        while len(got) < world_size:
-            try:
-                rank, ok, value = results.get(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    raise PatternError(f"distributed run timed out after {timeout:g} s "
-                                       f"({len(got)} of {world_size} ranks finished)") from None
-                if any(p.exitcode not in (None, 0) for p in procs) and results.empty():
-                    raise PatternError("a distributed worker died: exit codes "
-                                       f"{[p.exitcode for p in procs]}") from None
-                continue
-            if not ok:
-                raise PatternError(f"rank {rank} failed:\n{value}")
-            got[rank] = value
+        got = _collect(results, procs, world_size, timeout)
     finally:
         for p in procs:
             p.join(timeout=5)

@@ -46,7 +46,8 @@ def _bidirectional(links, fm, w, q, k, v, kpm):
     if isinstance(fm, Favor):
         ok = valid[:, None, :, None]
         u, a = favor_exponent(k, w)
-        c = links.reduce(u.masked_fill(~ok, NEG_INF).amax((-1, -2)), "max")          # [B, H]
+        local = u.masked_fill(~ok, NEG_INF).amax((-1, -2)) if u.shape[2] else u.new_full(u.shape[:2], NEG_INF)
+        c = links.reduce(local, "max")                                                  # [B, H]
         c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
         fk = w.shape[0] ** -0.5 * (torch.exp(a.masked_fill(~ok, NEG_INF) - c[..., None, None]) + fm.eps) * ok
     else:
@@ -130,6 +131,8 @@ def _causal(links, sh, fm, w, q, k, v, kpm):
 
 def _running_max(umax, R0):
     """Running max of the keys seen (the prefix's R0 included); before any key, the first later value."""
+    if umax.shape[-1] == 0:
+        return umax
     r = torch.maximum(umax.cummax(-1).values, R0[..., None])
     seen = torch.isfinite(r)
     first = torch.where(seen, r, torch.full_like(r, float("inf"))).amin(-1, keepdim=True)

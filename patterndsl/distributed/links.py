@@ -49,6 +49,7 @@ class Links:
 
 
 def _grads(outputs, inputs, grad_outputs) -> list[torch.Tensor]:
+    """Gradients of the outputs that have a graph, zeros where an input is not reached."""
     pairs = [(o, d) for o, d in zip(outputs, grad_outputs) if o.requires_grad]
     if not pairs:
         return [torch.zeros_like(x) for x in inputs]

@@ -45,7 +45,8 @@ class Report:
         mean = sum(self.work) / max(len(self.work), 1)
         lines = [f"context parallel: {self.pattern}, {self.sharding}",
                  f"  {self.shape}; busiest rank does {max(self.work) / mean if mean else 1:.2f}x the mean work",
-                 "  rank   tokens   work/head   keys in  keys out   fwd bytes   bwd bytes  ring fwd  ring bwd  fwd/ring"]
+                 "  rank   tokens   work/head   keys in  keys out   fwd bytes   bwd bytes  ring fwd  ring bwd"
+                 "  fwd/ring"]
         for r in range(len(self.tokens)):
             ring = self.ring_forward[r]
             lines.append(f"  {r:>4} {self.tokens[r]:>8} {self.work[r]:>11.3g} {self.keys_in[r]:>9} "

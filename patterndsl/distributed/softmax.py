@@ -19,6 +19,7 @@ from ..backends.torch.softmax import softmax_attention
 from ..ir import mask as M
 from .comm import Comm, merge, merge_pieces
 from .halo import HaloPlan
+from .links import _grads
 from .region import Region
 
 
@@ -143,11 +144,6 @@ def _leaf(x: torch.Tensor, on: bool) -> torch.Tensor:
     return x.detach().requires_grad_(on)
 
 
-def _grads(outputs, inputs, grad_outputs):
-    grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
-    return [torch.zeros_like(x) if d is None else d for x, d in zip(inputs, grads)]
-
-
 # ------------------------------------------------------------------------------------- sharded x sharded
 def _sharded_forward(comm: Comm, plan: HaloPlan, q, k, v, kpm, scale, on: bool):
     rank, sh, n = comm.rank, plan.sharding, plan.sharding.seq_len
@@ -199,7 +195,7 @@ class _ShardedSoftmax(torch.autograd.Function):
         outs, douts = [g.out], [dout]
         inputs = [g.q, g.kv, *g.received.values()]
         if plan.rows:
-            dmerged = torch.autograd.grad(g.out, g.merged, dout, retain_graph=True, allow_unused=True)[0]
+            dmerged = _grads([g.out], [g.merged], [dout])[0]
             outs, douts, inputs = outs + [g.part], douts + [_split_backward(comm, g, dmerged)], inputs + [g.q_rows]
         grads = _grads(outs, inputs, douts)
         dq, dkv = grads[0], grads[1]
