@@ -80,6 +80,18 @@ def run_cases(rank, world, cases):
     return out
 
 
+def sleep(rank, world, seconds):
+    import time
+    time.sleep(seconds)
+
+
+def exit_on_rank_one(rank, world):
+    import os
+    if rank == 1:
+        os._exit(3)
+    return rank
+
+
 def fail_on_rank_one(rank, world):
     if rank == 1:
         raise ValueError(f"rank {rank} of {world} says no")

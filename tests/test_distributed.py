@@ -167,9 +167,19 @@ def test_one_rank_equals_the_op_and_checks_shards(one_rank):
         cp(q, k, v, key_padding_mask=torch.zeros(1, 39, dtype=torch.bool))
     with pytest.raises(PatternError, match=re.escape("stage _0 reads runtime ids (doc), which it cannot shard yet")):
         ContextParallel(pd.compile("pattern p() { attend softmax over same(doc) }"), 40)
+    for norm, what in (("linear(elu1)", "causal linear"), ("nested(p)", "nested")):
+        op = pd.compile(f"pattern t() {{ param p[4]\n x = attend {norm} query p keys input, causal = true\n return x }}")
+        with pytest.raises(PatternError, match=re.escape(f"runs {what} stages over sharded queries and keys only; "
+                                                         "stage x has replicated queries")):
+            ContextParallel(op, 40)(q, k, v, p=torch.randn(4, 4, dtype=torch.float64),
+                                    **({"c": k} if what == "nested" else {}))
 
 
-def test_launch_reports_a_failing_rank():
+def test_launch_reports_failing_hanging_and_dying_ranks():
     import dist_cases
     with pytest.raises(PatternError, match="rank 1 failed:(.|\n)*rank 1 of 2 says no"):
         launch(dist_cases.fail_on_rank_one, 2, timeout=60)
+    with pytest.raises(PatternError, match=re.escape("distributed run timed out after 2 s (0 of 2 ranks finished)")):
+        launch(dist_cases.sleep, 2, 60, timeout=2)
+    with pytest.raises(PatternError, match=re.escape("a distributed worker died: exit codes [0, 3]")):
+        launch(dist_cases.exit_on_rank_one, 2, timeout=60)

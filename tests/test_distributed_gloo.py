@@ -22,12 +22,20 @@ P = {"longformer": {"window": 16, "globals": {0, 5}}, "bigbird": {"block": 8},
      "luna": {"length": 4}, "luna_causal": {"length": 4}}
 
 
-def case(pattern, n, sharding="auto", padding=False, dtype="float64", **params):
+def case(pattern, n, sharding="auto", padding=False, dtype="float64", label=None, **params):
     tag = "-".join(f"{k}={v}" for k, v in params.items() if k not in P.get(pattern, {}))
-    cid = f"{pattern}{'-' + tag if tag else ''}-N{n}-{sharding}{'-pad' if padding else ''}"
+    cid = f"{label or pattern}{'-' + tag if tag else ''}-N{n}-{sharding}{'-pad' if padding else ''}"
     cid += "" if dtype == "float64" else f"-{dtype}"
     return dict(id=cid, pattern=pattern, params={**P.get(pattern, {}), **params}, n=n, sharding=sharding,
                 padding=padding, dtype=dtype)
+
+
+LINEAR_PACK = """pattern linear_pack(length: int = 4) {
+    param p[length]
+    packed = attend linear(elu1) query p keys input
+    out = attend linear(favor(8)) query input keys packed
+    return out, packed
+}"""     # linear stages with replicated queries (p) and with replicated keys (packed)
 
 
 FOUR = [case("longformer", 203, padding=True), case("longformer", 203, "zigzag", globals={0, 150}),
@@ -41,7 +49,7 @@ FOUR = [case("longformer", 203, padding=True), case("longformer", 203, "zigzag",
         case("luna_causal", 203, padding=True),
         case("longformer", 3, "zigzag", padding=True, window=4, globals={0}),        # ranks with no rows
         case("performer", 3, "zigzag", padding=True, causal=True), case("luna_causal", 3, "contiguous"),
-        case("longformer", 203, dtype="float32")]
+        case("longformer", 203, dtype="float32"), case(LINEAR_PACK, 203, padding=True, label="linear_pack")]
 TWO = [case("longformer", 131, "contiguous", padding=True), case("prefix_lm", 131, "zigzag"),
        case("performer", 131, "zigzag", causal=True), case("luna", 131), case("luna_causal", 131, "zigzag")]
 

@@ -26,6 +26,17 @@ COST_BLOCK = 128   # tiles of the cost estimate
 TIE = 0.05         # relative work difference under which bytes decide
 
 
+def stage_kinds(ir) -> dict[str, tuple[bool, bool]]:
+    """Per stage: (queries sharded, keys sharded). The input is sharded, params are replicated, and a stage's
+    output is sharded when its queries are."""
+    sharded, out = {INPUT}, {}
+    for st in ir.stages:
+        out[st.name] = (st.query in sharded, st.keys in sharded)
+        if out[st.name][0]:
+            sharded.add(st.name)
+    return out
+
+
 def _share(stage, ir) -> float:
     if stage.heads is None or ir.num_heads is None:
         return 1.0
@@ -49,11 +60,11 @@ def _softmax_costs(mask, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def position_costs(op, n: int) -> torch.Tensor:
     """float64 `[n]`: the work (pairs or feature products, per head) each position brings to its rank."""
     ir, cost = op.ir, torch.zeros(n, dtype=torch.float64)
-    params = dict(ir.params)
+    params, kinds = dict(ir.params), stage_kinds(ir)
     for st in ir.stages:
         w = _share(st, ir)
         norm = st.normaliser
-        if isinstance(norm, Softmax) and st.query == INPUT and st.keys == INPUT:
+        if isinstance(norm, Softmax) and kinds[st.name] == (True, True):
             q_cost, k_cost = _softmax_costs(st.mask, n)
             cost += w * (q_cost + k_cost)
         elif isinstance(norm, Softmax):
@@ -72,9 +83,9 @@ def rank_work(cost: torch.Tensor, sharding: Sharding) -> list[float]:
 
 def received_keys(op, sharding: Sharding) -> list[int]:
     """Keys each rank receives, over the sharded softmax stages (weighted by their heads)."""
-    total = [0.0] * sharding.world_size
+    total, kinds = [0.0] * sharding.world_size, stage_kinds(op.ir)
     for st in op.ir.stages:
-        if isinstance(st.normaliser, Softmax) and st.query == INPUT and st.keys == INPUT:
+        if isinstance(st.normaliser, Softmax) and kinds[st.name] == (True, True):
             plan = halo_plan(st.mask, sharding)
             for r in range(sharding.world_size):
                 total[r] += _share(st, op.ir) * plan.keys_received(r)

@@ -9,7 +9,8 @@ stage runs by the kinds of its queries and keys:
 | softmax | sharded, sharded | halo exchange from the layout + global rows split (`softmax.py`) |
 | softmax | replicated, sharded | each rank against its keys, merged by log-sum-exp (Luna's pack) |
 | softmax | sharded, replicated | local (Luna's unpack) |
-| linear | sharded, sharded | all-reduced sums, or a scan of prefix states when causal (`linear.py`) |
+| linear | any, sharded | all-reduced sums, or (causal, sharded queries) a scan of prefix states (`linear.py`) |
+| linear | any, replicated | local (not causal) |
 | nested | sharded, sharded | prefix sums from the segments before (`nested.py`) |
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from ..errors import PatternError
 from ..ir import mask as M
 from ..ir.program import INPUT, Linear, Softmax
-from .balance import choose
+from .balance import choose, stage_kinds
 from .comm import Comm
 from .halo import halo_plan
 from .linear import sharded_linear
@@ -84,7 +85,7 @@ class ContextParallel:
         self._check(q, k, v, key_padding_mask)
         op._validate(q, k, v, key_padding_mask, inputs)
         values = {n: op._param(n, inputs[n], q) for n, _ in op.ir.params}
-        sharded = {INPUT}
+        kinds = stage_kinds(op.ir)
         for st in op.ir.stages:
             qs = q if st.query == INPUT else values[st.query]
             ks, vs = (k, v) if st.keys == INPUT else (values[st.keys], values[st.keys])
@@ -92,10 +93,7 @@ class ContextParallel:
             if st.heads is not None:
                 a, b = st.heads
                 qs, ks, vs = qs[:, a:b], ks[:, a:b], vs[:, a:b]
-            kinds = (st.query in sharded, st.keys in sharded)
-            values[st.name] = self._stage(st, kinds, qs, ks, vs, kpm, values, inputs)
-            if kinds[0]:
-                sharded.add(st.name)
+            values[st.name] = self._stage(st, kinds[st.name], qs, ks, vs, kpm, values, inputs)
         if op.ir.by_heads:
             return torch.cat([values[o] for o in op.ir.outputs], dim=1)
         outs = tuple(values[o] for o in op.ir.outputs)
@@ -113,12 +111,19 @@ class ContextParallel:
                 return local_softmax(sh, comm.rank, st.mask, q, k, v, scale)
             from ..backends.torch.softmax import softmax_attention
             return softmax_attention(q, k, v, st.mask, scale=scale)
+        if isinstance(norm, Linear) and not st.causal:
+            w = self.op.projection(st, q.shape[-1], q.device, q.dtype)
+            if kinds[1]:                  # sharded keys: their sums are all-reduced
+                return sharded_linear(comm, sh, norm.feature_map, w, q, k, v, kpm, causal=False)
+            from ..backends.torch.linear_scan import linear_attention
+            return linear_attention(q, k, v, norm.feature_map, w, causal=False, chunk=q.shape[2] or 1)
         if kinds != (True, True):
-            raise PatternError(f"patterndsl.distributed runs {type(norm).__name__.lower()} stages over sharded "
-                               f"queries and keys only; stage {st.name} has replicated ones")
+            what = "causal linear" if isinstance(norm, Linear) else "nested"
+            raise PatternError(f"patterndsl.distributed runs {what} stages over sharded queries and keys only; "
+                               f"stage {st.name} has replicated {'queries' if not kinds[0] else 'keys'}")
         if isinstance(norm, Linear):
             w = self.op.projection(st, q.shape[-1], q.device, q.dtype)
-            return sharded_linear(comm, sh, norm.feature_map, w, q, k, v, kpm, causal=st.causal)
+            return sharded_linear(comm, sh, norm.feature_map, w, q, k, v, kpm, causal=True)
         p, c = values[norm.packed], inputs["c"]
         if st.heads is not None:
             p, c = p[:, st.heads[0]:st.heads[1]], c[:, st.heads[0]:st.heads[1]]

@@ -84,11 +84,13 @@ def launch(fn, world_size: int, *args, timeout: float = 120.0, threads: int = 1,
              for r in range(world_size)]
     for p in procs:
         p.start()
+    done = False
     try:
         got = _collect(results, procs, world_size, timeout)
+        done = True
     finally:
-        for p in procs:
-            p.join(timeout=5)
+        for p in procs:                # after a failure the others may wait on it forever: end them now
+            p.join(timeout=10 if done else 0)
             if p.is_alive():
                 p.kill()
                 p.join()

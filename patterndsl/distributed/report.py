@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir.program import INPUT, Favor, Linear, Nested, Softmax
-from .balance import _share, choose, position_costs, rank_work
+from ..ir.program import Favor, Linear, Nested, Softmax
+from .balance import _share, choose, position_costs, rank_work, stage_kinds
 from .halo import halo_plan
 
 
@@ -90,12 +90,13 @@ def distributed_report(op, seq_len: int, world_size: int, sharding="auto", batch
     lse_e = 8 if dtype == torch.float64 else 4
     b = _Bytes(world_size)
     keys_in, keys_out = [0] * world_size, [0] * world_size
+    kinds = stage_kinds(op.ir)
     for st in op.ir.stages:
         hs = heads if st.heads is None else st.heads[1] - st.heads[0]
         bh, D = batch * hs, head_dim
         params = dict(op.ir.params)
         norm = st.normaliser
-        if isinstance(norm, Softmax) and st.query == INPUT and st.keys == INPUT:
+        if isinstance(norm, Softmax) and kinds[st.name] == (True, True):
             plan = halo_plan(st.mask, sh)
             for r in range(world_size):
                 sent, got = plan.keys_sent(r), plan.keys_received(r)
@@ -108,11 +109,11 @@ def distributed_report(op, seq_len: int, world_size: int, sharding="auto", batch
             b.gather("fwd", bh * g * (D + 1), lse_e)
             b.reduce("bwd", bh * g * D, lse_e)
             b.reduce("bwd", bh * g * D, e)
-        elif isinstance(norm, Softmax) and st.keys == INPUT:
+        elif isinstance(norm, Softmax) and kinds[st.name] == (False, True):
             length = params[st.query]
             b.gather("fwd", bh * length * (D + 1), lse_e)
             b.reduce("bwd", bh * length * D, lse_e)
-        elif isinstance(norm, Linear):
+        elif isinstance(norm, Linear) and kinds[st.name][1]:
             _linear_bytes(b, norm.feature_map, st.causal, bh, D, work_e, sh)
         elif isinstance(norm, Nested):
             _state_bytes(b, bh * (2 * D * params[norm.packed] + 1), work_e, sh)
