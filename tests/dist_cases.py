@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 import patterndsl as pd
 from patterndsl.distributed import ContextParallel
+from patterndsl.ir import mask as M
 
 
 def _inputs(op, n, B, H, D, seed, padding, dtype=torch.float64):
@@ -18,6 +19,9 @@ def _inputs(op, n, B, H, D, seed, padding, dtype=torch.float64):
         extra[name] = rnd(H, length, D)
     if "c" in op.input_names():
         extra["c"] = rnd(B, H, n, D)
+    for name in sorted({x for st in op.ir.stages for x in M.runtime_inputs(st.mask)}):
+        starts = torch.rand(B, n, generator=g) < 8 / max(n, 1)            # documents of ~n/8 tokens, packed
+        extra[name] = starts.long().cumsum(1)
     kpm = (torch.rand(B, n, generator=g) < 0.25) if padding else None
     if padding:
         kpm[0, n // 3: n // 3 + 9] = True
@@ -28,43 +32,56 @@ def _flat(out):
     return out if isinstance(out, tuple) else (out,)
 
 
+def inputs(op, case):
+    """(q, k, v, key_padding_mask, other inputs, generator) of a case, the same on every rank."""
+    dtype = getattr(torch, case.get("dtype", "float64"))
+    return _inputs(op, case["n"], case.get("B", 2), case.get("H", 2), case.get("D", 8), case.get("seed", 0),
+                   case.get("padding", False), dtype)
+
+
 def run_case(rank, world, case):
     name, params, n = case["pattern"], case.get("params", {}), case["n"]
-    sharding, padding = case.get("sharding", "auto"), case.get("padding", False)
-    B, H, D = case.get("B", 2), case.get("H", 2), case.get("D", 8)
+    sharding = case.get("sharding", "auto")
     op = pd.compile(name, **params)
     dtype = getattr(torch, case.get("dtype", "float64"))
-    q, k, v, kpm, extra, g = _inputs(op, n, B, H, D, case.get("seed", 0), padding, dtype)
-    sharded = {"c"}
-    leaves = [x.requires_grad_() for x in (q, k, v, *extra.values())]
-    outs = _flat(op(q, k, v, key_padding_mask=kpm, **extra))
+    q, k, v, kpm, extra, g = inputs(op, case)
+    ids = {x for st in op.ir.stages for x in M.runtime_inputs(st.mask)}
+    sharded = {"q", "k", "v", "c", *ids}
+    full = {"q": q, "k": k, "v": v, **extra}
+    floats = [nm for nm, x in full.items() if x.is_floating_point()]
+    for nm in floats:
+        full[nm].requires_grad_()
+    outs = _flat(op(full.pop("q"), full.pop("k"), full.pop("v"), key_padding_mask=kpm, **full))
+    full = {"q": q, "k": k, "v": v, **extra}
     gouts = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype) for o in outs]
-    grads = torch.autograd.grad(sum((o * go).sum() for o, go in zip(outs, gouts)), leaves, allow_unused=True)
+    grads = torch.autograd.grad(sum((o * go).sum() for o, go in zip(outs, gouts)), [full[nm] for nm in floats],
+                                allow_unused=True)
     cp = ContextParallel(op, n, sharding=sharding)
-    lq, lk, lv = (cp.shard(x.detach()).requires_grad_() for x in (q, k, v))
-    lextra = {nm: (cp.shard(x.detach()) if nm in sharded else x.detach()).requires_grad_() for nm, x in extra.items()}
+    local = {nm: cp.shard(x.detach(), dim=1 if x.dim() == 2 else 2) if nm in sharded else x.detach()
+             for nm, x in full.items()}
+    for nm in floats:
+        local[nm].requires_grad_()
     lkpm = cp.shard(kpm, dim=1) if kpm is not None else None
-    louts = _flat(cp(lq, lk, lv, key_padding_mask=lkpm, **lextra))
-    errs = {}
-    lgouts = []
+    args = dict(local)
+    louts = _flat(cp(args.pop("q"), args.pop("k"), args.pop("v"), key_padding_mask=lkpm, **args))
+    errs, lgouts = {}, []
     for x, (o, lo, go) in enumerate(zip(outs, louts, gouts)):
         is_sharded = lo.shape[2] != o.shape[2] or x == 0
         want = cp.shard(o.detach()) if is_sharded else o.detach()
         lgouts.append(cp.shard(go) if is_sharded else go / world)
         errs[f"out{x}"] = (lo.detach() - want).abs().max().double().item() if want.numel() else 0.0
-    lleaves = [lq, lk, lv, *lextra.values()]
-    lgrads = torch.autograd.grad(sum((o * go).sum() for o, go in zip(louts, lgouts)), lleaves, allow_unused=True)
-    names = ["dq", "dk", "dv", *("d" + nm for nm in extra)]
-    for nm, key, gr, lg in zip(names, ["q", "k", "v", *extra], grads, lgrads):
-        gr = torch.zeros_like(leaves[names.index(nm)]) if gr is None else gr
-        lg = torch.zeros_like(lleaves[names.index(nm)]) if lg is None else lg
-        if key in ("q", "k", "v") or key in sharded:
+    lgrads = torch.autograd.grad(sum((o * go).sum() for o, go in zip(louts, lgouts)), [local[nm] for nm in floats],
+                                 allow_unused=True)
+    for nm, gr, lg in zip(floats, grads, lgrads):
+        gr = torch.zeros_like(full[nm]) if gr is None else gr
+        lg = torch.zeros_like(local[nm]) if lg is None else lg
+        if nm in sharded:
             want = cp.shard(gr)
         else:
             lg = lg.clone()
             dist.all_reduce(lg)
             want = gr
-        errs[nm] = (lg - want).abs().max().double().item() if want.numel() else 0.0
+        errs["d" + nm] = (lg - want).abs().max().double().item() if want.numel() else 0.0
     errs["_bytes"] = cp.bytes_sent
     errs["_sharding"] = cp.sharding.kind
     return errs

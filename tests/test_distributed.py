@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 import patterndsl as pd
 from patterndsl import PatternError
-from patterndsl.distributed import ContextParallel, Region, Sharding, contiguous, halo_plan, plan_sharding, zigzag
+from patterndsl.distributed import (ContextParallel, Region, Sharding, contiguous, halo_plan, launch, plan_sharding,
+                                    zigzag)
 from patterndsl.distributed.halo import global_rows, without_rows
-from patterndsl.distributed.launch import launch
 from patterndsl.distributed.report import distributed_report
 from patterndsl.ir import mask as M
 from patterndsl.ir.dense import dense_mask
@@ -99,6 +99,16 @@ def test_halo_buffers_hold_every_key_a_row_reads(name, make):
             assert not (dense[a:e] & ~have).any(), f"rank {r} segment {s} misses keys"
 
 
+def test_document_ids_shrink_the_halo():
+    mask = M.Same("doc") & M.CAUSAL
+    ids = (torch.arange(4096) // 700)[None]                     # documents of 700 tokens
+    with_ids, without = halo_plan(mask, contiguous(4096, 4), runtime={"doc": ids}), halo_plan(mask, contiguous(4096, 4))
+    assert [without.keys_received(r) for r in range(4)] == [0, 1024, 2048, 3072]
+    for r in range(1, 4):                                       # the start of the document that straddles
+        start = int(ids[0, 1024 * r]) * 700
+        assert with_ids.keys_received(r) == 1024 * r - start // 32 * 32
+
+
 def test_global_rows_come_from_rows_nodes_and_leave_the_rest_exact():
     m = (M.sliding(2) | M.global_({0, 7})) & ~M.rows({3})
     assert global_rows(m, 6) == (0, 3)
@@ -137,8 +147,6 @@ def test_choice_errors():
         plan_sharding(op, 64, 2, "ring")
     with pytest.raises(PatternError, match="the sharding is for 64 tokens over 2 ranks, but the call has 65 tokens"):
         plan_sharding(op, 65, 2, contiguous(64, 2))
-    with pytest.raises(PatternError, match=re.escape("cannot plan the runtime-id mask sliding(2) | same(doc) yet")):
-        halo_plan(M.Same("doc") | M.sliding(2), contiguous(64, 2))
 
 
 def test_without_a_process_group():
@@ -165,10 +173,17 @@ def test_one_rank_equals_the_op_and_checks_shards(one_rank):
         cp(q[:, :, 1:], k, v)
     with pytest.raises(PatternError, match=re.escape("key_padding_mask must be this rank's [B, 40] shard")):
         cp(q, k, v, key_padding_mask=torch.zeros(1, 39, dtype=torch.bool))
-    with pytest.raises(PatternError, match=re.escape("stage _0 reads runtime ids (doc), which it cannot shard yet")):
-        ContextParallel(pd.compile("pattern p() { attend softmax over same(doc) }"), 40)
+    with pytest.raises(PatternError, match=re.escape("stage x reads runtime ids (doc) over replicated queries")):
+        ContextParallel(pd.compile("pattern t() { param p[4]\n x = attend softmax query p keys input over same(doc)"
+                                   "\n return x }"), 40)
+    docs = ContextParallel(pd.compile("pattern p() { attend softmax over same(doc) & causal }"), 40)
+    ids = torch.arange(40).div(7, rounding_mode="floor")[None]
+    torch.testing.assert_close(docs(q, k, v, doc=ids), docs.op(q, k, v, doc=ids), rtol=0, atol=1e-13)
+    with pytest.raises(PatternError, match=re.escape("doc: pass this rank's ids [B, n] (one tensor, for queries")):
+        docs(q, k, v, doc=(ids, ids))
     for norm, what in (("linear(elu1)", "causal linear"), ("nested(p)", "nested")):
-        op = pd.compile(f"pattern t() {{ param p[4]\n x = attend {norm} query p keys input, causal = true\n return x }}")
+        op = pd.compile(f"pattern t() {{ param p[4]\n x = attend {norm} query p keys input, causal = true\n"
+                        " return x }")
         with pytest.raises(PatternError, match=re.escape(f"runs {what} stages over sharded queries and keys only; "
                                                          "stage x has replicated queries")):
             ContextParallel(op, 40)(q, k, v, p=torch.randn(4, 4, dtype=torch.float64),
@@ -177,7 +192,7 @@ def test_one_rank_equals_the_op_and_checks_shards(one_rank):
 
 def test_launch_reports_failing_hanging_and_dying_ranks():
     import dist_cases
-    with pytest.raises(PatternError, match="rank 1 failed:(.|\n)*rank 1 of 2 says no"):
+    with pytest.raises(PatternError, match="rank 1 failed( \\(and rank 0\\))?:(.|\n)*rank 1 of 2 says no"):
         launch(dist_cases.fail_on_rank_one, 2, timeout=60)
     with pytest.raises(PatternError, match=re.escape("distributed run timed out after 2 s (0 of 2 ranks finished)")):
         launch(dist_cases.sleep, 2, 60, timeout=2)

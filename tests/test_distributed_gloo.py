@@ -5,11 +5,13 @@ by the world size, key padding), and each rank sends exactly the bytes the repor
 Each world size starts its processes once (`launch`) and runs all its cases there (`dist_cases.py`); the
 tests read the results. NCCL on GPUs runs the same code, which is not tested here.
 """
+from pathlib import Path
+
 import pytest
 import torch
 
 import patterndsl as pd
-from patterndsl.distributed.launch import launch
+from patterndsl.distributed import launch
 from patterndsl.distributed.report import distributed_report
 
 import dist_cases
@@ -38,6 +40,8 @@ LINEAR_PACK = """pattern linear_pack(length: int = 4) {
 }"""     # linear stages with replicated queries (p) and with replicated keys (packed)
 
 
+DOCS = str(Path(__file__).resolve().parents[1] / "examples" / "document_mask.attn")   # same(segments) & window
+
 FOUR = [case("longformer", 203, padding=True), case("longformer", 203, "zigzag", globals={0, 150}),
         case("bigbird", 203, padding=True), case("bigbird", 203, "contiguous"),
         case("sparse_transformer", 203), case("sparse_transformer", 203, padding=True, variant="fixed"),
@@ -49,7 +53,9 @@ FOUR = [case("longformer", 203, padding=True), case("longformer", 203, "zigzag",
         case("luna_causal", 203, padding=True),
         case("longformer", 3, "zigzag", padding=True, window=4, globals={0}),        # ranks with no rows
         case("performer", 3, "zigzag", padding=True, causal=True), case("luna_causal", 3, "contiguous"),
-        case("longformer", 203, dtype="float32"), case(LINEAR_PACK, 203, padding=True, label="linear_pack")]
+        case("longformer", 203, dtype="float32"), case(LINEAR_PACK, 203, padding=True, label="linear_pack"),
+        case(DOCS, 203, padding=True, label="document_mask", window=40),
+        case(DOCS, 203, "zigzag", label="document_mask", window=400, causal=False)]
 TWO = [case("longformer", 131, "contiguous", padding=True), case("prefix_lm", 131, "zigzag"),
        case("performer", 131, "zigzag", causal=True), case("luna", 131), case("luna_causal", 131, "zigzag")]
 
@@ -71,8 +77,9 @@ def _check(results, world, c):
             assert worst <= TOL[c["dtype"]], f"{c['id']} on {world} ranks: {name} differs by {worst:.3g}"
     op = pd.compile(c["pattern"], **c["params"])
     sharding = per_rank[0]["_sharding"]
+    ids = {nm: x for nm, x in dist_cases.inputs(op, c)[4].items() if not x.is_floating_point()}
     rep = distributed_report(op, c["n"], world, sharding=sharding, batch=2, heads=2, head_dim=8,
-                             dtype=getattr(torch, c["dtype"]), padding=c["padding"])
+                             dtype=getattr(torch, c["dtype"]), padding=c["padding"], runtime=ids)
     for r, got in enumerate(per_rank):
         assert got["_bytes"].get("forward", 0) == rep.forward[r], f"{c['id']}: rank {r} forward bytes"
         assert got["_bytes"].get("backward", 0) == rep.backward[r], f"{c['id']}: rank {r} backward bytes"
@@ -101,7 +108,6 @@ def test_sweep(world):
 
 
 def test_the_example_runs_and_checks_itself(monkeypatch, capsys):
-    from pathlib import Path
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
     import context_parallel
     assert context_parallel.main(["-n", "1024", "--world-size", "2"]) == 0

@@ -39,7 +39,7 @@ class Comm:
         return r if self.group is None else self.dist.get_global_rank(self.group, r)
 
     def exchange(self, sends: dict[int, torch.Tensor], recvs: dict[int, tuple]) -> dict[int, torch.Tensor]:
-        """Send `sends[dst]` to each dst and receive a tensor of spec `recvs[src]` = (shape, dtype) from each src,
+        """Send `sends[dst]` to each dst and receive a tensor `recvs[src]` = (shape, dtype, device) from each src,
         all at once; empty tensors are not sent (both sides know the sizes)."""
         ops, got = [], {}
         for src, (shape, dtype, device) in sorted(recvs.items()):

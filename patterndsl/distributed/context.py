@@ -6,7 +6,7 @@ stage runs by the kinds of its queries and keys:
 
 | stage | queries, keys | how |
 |---|---|---|
-| softmax | sharded, sharded | halo exchange from the layout + global rows split (`softmax.py`) |
+| softmax | sharded, sharded | halo exchange from the layout (and `same(...)`'s ids), global rows split |
 | softmax | replicated, sharded | each rank against its keys, merged by log-sum-exp (Luna's pack) |
 | softmax | sharded, replicated | local (Luna's unpack) |
 | linear | any, sharded | all-reduced sums, or (causal, sharded queries) a scan of prefix states (`linear.py`) |
@@ -46,11 +46,13 @@ class ContextParallel:
         self.comm = Comm(group)
         self.sharding: Sharding = choose(self.op, seq_len, self.comm.world_size, sharding)
         self.seq_len = seq_len
+        kinds = stage_kinds(self.op.ir)
         for st in self.op.ir.stages:
-            if M.runtime_inputs(st.mask):
+            sharded_softmax_stage = isinstance(st.normaliser, Softmax) and kinds[st.name] == (True, True)
+            if M.runtime_inputs(st.mask) and not sharded_softmax_stage:
                 raise PatternError(f"patterndsl.distributed: stage {st.name} reads runtime ids "
-                                   f"({', '.join(M.runtime_inputs(st.mask))}), which it cannot shard yet",
-                                   hint="run same(...) masks unsharded")
+                                   f"({', '.join(M.runtime_inputs(st.mask))}) over replicated queries or keys",
+                                   hint="same(...) masks run in softmax stages over the sharded sequence")
 
     @property
     def rank(self) -> int:
@@ -85,7 +87,7 @@ class ContextParallel:
         self._check(q, k, v, key_padding_mask)
         op._validate(q, k, v, key_padding_mask, inputs)
         values = {n: op._param(n, inputs[n], q) for n, _ in op.ir.params}
-        kinds = stage_kinds(op.ir)
+        kinds, self._ids = stage_kinds(op.ir), self._whole_ids(inputs)
         for st in op.ir.stages:
             qs = q if st.query == INPUT else values[st.query]
             ks, vs = (k, v) if st.keys == INPUT else (values[st.keys], values[st.keys])
@@ -104,7 +106,8 @@ class ContextParallel:
         if isinstance(norm, Softmax):
             scale = norm.scale if norm.scale is not None else q.shape[-1] ** -0.5
             if kinds == (True, True):
-                return sharded_softmax(comm, halo_plan(st.mask, sh), q, k, v, kpm, scale)
+                runtime = {n: self._ids[n] for n in M.runtime_inputs(st.mask)} or None
+                return sharded_softmax(comm, halo_plan(st.mask, sh, runtime=runtime), q, k, v, kpm, scale, runtime)
             if kinds == (False, True):
                 return split_softmax(comm, sh, st.mask, q, k, v, kpm, scale)
             if kinds == (True, False):
@@ -128,6 +131,17 @@ class ContextParallel:
         if st.heads is not None:
             p, c = p[:, st.heads[0]:st.heads[1]], c[:, st.heads[0]:st.heads[1]]
         return sharded_nested(comm, sh, q, k, v, p, c, kpm)
+
+    def _whole_ids(self, inputs) -> dict:
+        """The runtime ids of `same(...)` masks for the whole sequence, all-gathered from every rank's shard."""
+        out = {}
+        for name in sorted({n for st in self.op.ir.stages for n in M.runtime_inputs(st.mask)}):
+            if isinstance(inputs[name], (tuple, list)):
+                raise PatternError(f"{name}: pass this rank's ids [B, n] (one tensor, for queries and keys alike), "
+                                   "not a (query ids, key ids) pair")
+            self.comm.phase = "forward"
+            out[name] = self.gather(inputs[name], dim=1)
+        return out
 
     def _check(self, q, k, v, kpm) -> None:
         n = self.sharding.sizes[self.rank]

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import PatternError
 from ..ir import mask as M
 from ..plan.layout import tile_layout
 from .region import Region
@@ -99,27 +98,39 @@ def without_rows(mask: M.Mask) -> M.Mask:
     return mask
 
 
+def halo_plan(mask: M.Mask, sharding: Sharding, block: tuple[int, int] = BLOCK, gap: int = GAP,
+              runtime: dict | None = None) -> HaloPlan:
+    """The exchange plan of `mask` (queries and keys sharded alike by `sharding`). A mask reading runtime ids
+    (`same(name)`) is planned from `runtime` (name -> ids `[B, N]` of the whole sequence), or without them
+    as if every pair might be allowed."""
+    if runtime is None or not M.runtime_inputs(mask):
+        return _cached(mask, sharding, block, gap)
+    return _plan(mask, sharding, block, gap, runtime)
+
+
 @functools.lru_cache(maxsize=64)
-def halo_plan(mask: M.Mask, sharding: Sharding, block: tuple[int, int] = BLOCK, gap: int = GAP) -> HaloPlan:
-    """The exchange plan of `mask` (queries and keys sharded alike by `sharding`)."""
-    if M.runtime_inputs(mask):
-        raise PatternError(f"patterndsl.distributed cannot plan the runtime-id mask {M.to_source(mask)} yet",
-                           hint="same(...) masks depend on ids known only at call time; run them unsharded")
+def _cached(mask, sharding, block, gap) -> HaloPlan:
+    return _plan(mask, sharding, block, gap, None)
+
+
+def _plan(mask, sharding, block, gap, runtime) -> HaloPlan:
     n = sharding.seq_len
     rest = without_rows(mask)
-    buffers = tuple(tuple(b for s, (a, e) in enumerate(segs) for b in _buffers(rest, sharding, s, a, e, block, gap))
+    buffers = tuple(tuple(b for s, (a, e) in enumerate(segs)
+                          for b in _buffers(rest, sharding, s, a, e, block, gap, runtime))
                     for segs in sharding.segments)
     needs = tuple(_needs(bufs, rank) for rank, bufs in enumerate(buffers))
     return HaloPlan(sharding, mask, rest, global_rows(mask, n), buffers, needs)
 
 
-def _buffers(rest: M.Mask, sh: Sharding, seg: int, a: int, e: int, block, gap) -> list[Buffer]:
+def _buffers(rest: M.Mask, sh: Sharding, seg: int, a: int, e: int, block, gap, runtime) -> list[Buffer]:
     """The key buffers of the query rows `[a, e)`."""
     if e <= a or rest == M.EMPTY:
         return []
     bm, bn = block
     rows = Region(rest, a, 0, sh.seq_len, sh.seq_len)      # rows [a, e) of the whole problem (random's draw)
-    tiles = torch.unique(tile_layout(rows, e - a, sh.seq_len, bm, bn).col_idx).tolist()
+    local = {k: (ids[:, a:e], ids) for k, ids in runtime.items()} if runtime else None
+    tiles = torch.unique(tile_layout(rows, e - a, sh.seq_len, bm, bn, local).col_idx).tolist()
     runs: list[list[int]] = []
     for t in tiles:
         lo, hi = t * bn, min((t + 1) * bn, sh.seq_len)

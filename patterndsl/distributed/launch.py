@@ -60,8 +60,9 @@ def _collect(results, procs, world_size: int, timeout: float) -> dict:
             deadline = min(deadline, time.monotonic() + GRACE)
     if failed:
         first = min(failed, key=lambda r: (_peer_gone(failed[r]), r))
-        others = ", ".join(str(r) for r in sorted(failed) if r != first)
-        raise PatternError(f"rank {first} failed" + (f" (and ranks {others})" if others else "") + f":\n{failed[first]}")
+        others = [str(r) for r in sorted(failed) if r != first]
+        also = f" (and rank{'s' if len(others) > 1 else ''} {', '.join(others)})" if others else ""
+        raise PatternError(f"rank {first} failed{also}:\n{failed[first]}")
     if len(got) < world_size:
         raise PatternError(f"distributed run timed out after {timeout:g} s ({len(got)} of {world_size} ranks "
                            f"finished)")

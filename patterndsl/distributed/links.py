@@ -48,7 +48,7 @@ class Links:
         return torch.where(holds, total / count, torch.zeros_like(total))
 
 
-def _grads(outputs, inputs, grad_outputs) -> list[torch.Tensor]:
+def grads(outputs, inputs, grad_outputs) -> list[torch.Tensor]:
     """Gradients of the outputs that have a graph, zeros where an input is not reached."""
     pairs = [(o, d) for o, d in zip(outputs, grad_outputs) if o.requires_grad]
     if not pairs:
@@ -76,12 +76,12 @@ class _Stage(torch.autograd.Function):
         links.comm.phase = "backward"
         ins = [x for x in leaves if x is not None and x.requires_grad]
         wrt = ins + [leaf for _, _, leaf in links.items]
-        acc = dict(zip(map(id, wrt), _grads([out], wrt, [dout])))
+        acc = dict(zip(map(id, wrt), grads([out], wrt, [dout])))
         for n in range(len(links.items) - 1, -1, -1):
             kind, local, leaf = links.items[n]
             dlocal = links.adjoint(kind, local, leaf, acc[id(leaf)])
             earlier = ins + [lf for _, _, lf in links.items[:n]]
-            for x, d in zip(earlier, _grads([local], earlier, [dlocal])):
+            for x, d in zip(earlier, grads([local], earlier, [dlocal])):
                 acc[id(x)] = acc[id(x)] + d
         ctx.state = None
         return (None, None, *(acc[id(x)] if x is not None and x.requires_grad else None for x in leaves))

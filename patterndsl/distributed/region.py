@@ -62,11 +62,20 @@ class Region(M.Mask):
         fine = math.gcd(g.bn, self.k0) if self.k0 else g.bn
         qa = self.q0 + g.q_offset
         grid = Grid(max(self.n_q - qa, 0), self.n_k, g.bm, fine, qa)
-        return Tiles(grid, None), fine, g.bn // fine
+        return Tiles(grid, self._placed(tiles.runtime, grid.n_q)), fine, g.bn // fine
+
+    def _placed(self, runtime, rows: int):
+        """The local call's runtime ids where the whole problem has them (query ids from the grid's first row,
+        key ids from key k0), edge values repeated outside: a tile's id range then reads local ids only."""
+        if not runtime:
+            return runtime
+        out = {}
+        for name, ids in runtime.items():
+            q_ids, k_ids = ids if isinstance(ids, (tuple, list)) else (ids, ids)
+            out[name] = (_place(q_ids, 0, rows), _place(k_ids, self.k0, self.n_k))
+        return out
 
     def classify(self, tiles, a, b):
-        if M.runtime_inputs(self.mask):        # runtime ids index the local call: settle by evaluation
-            return torch.tensor(PARTIAL, dtype=torch.int8), torch.ones((), dtype=torch.bool)
         at, fine, ratio = self._absolute(tiles)
         a, b = torch.as_tensor(a), torch.as_tensor(b)
         fb = (self.k0 // fine + b[..., None] * ratio + torch.arange(ratio)).clamp(max=max(at.grid.nkb - 1, 0))
@@ -77,8 +86,6 @@ class Region(M.Mask):
         return out, (unsure.any(-1) | ~(full | empty)) & (out == PARTIAL)
 
     def candidates(self, tiles):
-        if M.runtime_inputs(self.mask):
-            return None
         g = tiles.grid
         at, fine, _ = self._absolute(tiles)
         cand = self.mask.candidates(at) if at.grid.nqb and at.grid.nkb else None
@@ -89,6 +96,15 @@ class Region(M.Mask):
         keep = (a < g.nqb) & (f * fine + fine > self.k0) & (b < g.nkb)
         lin = torch.unique(a[keep] * g.nkb + b[keep].clamp(min=0))
         return lin // g.nkb, lin % g.nkb
+
+
+def _place(ids: torch.Tensor, at: int, n: int) -> torch.Tensor:
+    """ids `[B, m]` at columns `[at, at + m)` of a `[B, n]` tensor, the edge values repeated outside."""
+    if ids.shape[1] == 0:
+        return ids.new_zeros(ids.shape[0], n)
+    left = ids[:, :1].expand(-1, min(at, n))
+    right = ids[:, -1:].expand(-1, max(n - at - ids.shape[1], 0))
+    return torch.cat([left, ids, right], 1)[:, :n]
 
 
 class _RegionOps:

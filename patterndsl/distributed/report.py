@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ir import mask as M
 from ..ir.program import Favor, Linear, Nested, Softmax
 from .balance import _share, choose, position_costs, rank_work, stage_kinds
 from .halo import halo_plan
@@ -81,8 +82,11 @@ class _Bytes:
 
 
 def distributed_report(op, seq_len: int, world_size: int, sharding="auto", batch: int = 1, heads: int | None = None,
-                       head_dim: int = 64, dtype=torch.float32, padding: bool = False) -> Report:
-    """The `Report` of running `op` at `seq_len` over `world_size` ranks (no process group needed)."""
+                       head_dim: int = 64, dtype=torch.float32, padding: bool = False,
+                       runtime: dict | None = None) -> Report:
+    """The `Report` of running `op` at `seq_len` over `world_size` ranks (no process group needed). `runtime`
+    gives the ids of `same(...)` masks (name -> `[B, N]`); without them such masks are planned as if every
+    pair might be allowed (an upper bound)."""
     sh = choose(op, seq_len, world_size, sharding)
     heads = heads or op.ir.num_heads or 1
     e = torch.empty(0, dtype=dtype).element_size()
@@ -90,14 +94,17 @@ def distributed_report(op, seq_len: int, world_size: int, sharding="auto", batch
     lse_e = 8 if dtype == torch.float64 else 4
     b = _Bytes(world_size)
     keys_in, keys_out = [0] * world_size, [0] * world_size
-    kinds = stage_kinds(op.ir)
+    kinds, names = stage_kinds(op.ir), sorted({x for st in op.ir.stages for x in M.runtime_inputs(st.mask)})
+    for name in names:                                  # the ids are all-gathered first, padded to the longest shard
+        b.gather("fwd", batch * max(sh.sizes), 8)
     for st in op.ir.stages:
         hs = heads if st.heads is None else st.heads[1] - st.heads[0]
         bh, D = batch * hs, head_dim
         params = dict(op.ir.params)
         norm = st.normaliser
         if isinstance(norm, Softmax) and kinds[st.name] == (True, True):
-            plan = halo_plan(st.mask, sh)
+            ids = {x: runtime[x] for x in M.runtime_inputs(st.mask)} if runtime else None
+            plan = halo_plan(st.mask, sh, runtime=ids)
             for r in range(world_size):
                 sent, got = plan.keys_sent(r), plan.keys_received(r)
                 keys_in[r] += int(_share(st, op.ir) * got)

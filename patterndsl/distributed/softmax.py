@@ -16,18 +16,22 @@ from __future__ import annotations
 import torch
 
 from ..backends.torch.softmax import softmax_attention
-from ..ir import mask as M
 from .comm import Comm, merge, merge_pieces
 from .halo import HaloPlan
-from .links import _grads
+from .links import grads
 from .region import Region
 
 
-def _call(q, k, v, mask, scale, kpm):
+def _call(q, k, v, mask, scale, kpm, runtime=None):
     """(out, lse) of one local call; no query or no key: zeros and -inf."""
     if q.shape[2] == 0 or k.shape[2] == 0:
         return merge_pieces([], q, v.shape[3])
-    return softmax_attention(q, k, v, mask, scale=scale, key_padding_mask=kpm, return_lse=True)
+    return softmax_attention(q, k, v, mask, scale=scale, key_padding_mask=kpm, runtime=runtime, return_lse=True)
+
+
+def _ids(runtime, rows: tuple[int, int], keys: tuple[int, int]):
+    """The runtime ids (name -> `[B, N]` of the whole sequence) of a local call: (query ids, key ids)."""
+    return {k: (ids[:, rows[0]:rows[1]], ids[:, keys[0]:keys[1]]) for k, ids in runtime.items()} if runtime else None
 
 
 def _runs(rows: tuple[int, ...]) -> list[tuple[int, int, int]]:
@@ -41,13 +45,13 @@ def _runs(rows: tuple[int, ...]) -> list[tuple[int, int, int]]:
     return [tuple(o) for o in out]
 
 
-def _against_own_keys(mask, sh, rank, q_rows, rows, k, v, kpm, scale, n_q):
+def _against_own_keys(mask, sh, rank, q_rows, rows, k, v, kpm, scale, n_q, runtime=None):
     """(out, lse) of query rows `q_rows` (at absolute `rows`, sorted) against this rank's own keys only."""
     parts = []
     for g0, g1, x in _runs(rows):
         qs = q_rows[:, :, x:x + g1 - g0]
         segs = [_call(qs, k[:, :, o:o + e - a], v[:, :, o:o + e - a], Region(mask, g0, a, n_q, sh.seq_len), scale,
-                      None if kpm is None else kpm[:, o:o + e - a])
+                      None if kpm is None else kpm[:, o:o + e - a], _ids(runtime, (g0, g1), (a, e)))
                 for (a, e), o in zip(sh.segments[rank], sh.offsets(rank)) if e > a]
         parts.append(merge_pieces(segs, qs, v.shape[3]))
     if not parts:
@@ -73,14 +77,14 @@ def _exchange(comm: Comm, plan: HaloPlan, x: torch.Tensor, dim: int = 2) -> dict
     return comm.exchange(sends, recvs)
 
 
-def _return(comm: Comm, plan: HaloPlan, grads: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+def _return(comm: Comm, plan: HaloPlan, back: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """The reverse exchange: send each source the gradients of what it sent; add what comes back into a
     gradient of the local tensor `like`."""
     sh, rank = plan.sharding, comm.rank
     recvs = {}
     for dst, ranges in plan.sends(rank).items():
         recvs[dst] = ((*like.shape[:2], sum(b - a for a, b in ranges), like.shape[3]), like.dtype, like.device)
-    got = comm.exchange(grads, recvs)
+    got = comm.exchange(back, recvs)
     out = torch.zeros_like(like)
     for dst, ranges in plan.sends(rank).items():
         index = torch.cat([torch.arange(sh.local_index(a), sh.local_index(a) + b - a) for a, b in ranges])
@@ -124,10 +128,10 @@ class _Graph:
     """What a forward keeps for its backward: the local autograd graph's leaves and outputs."""
 
 
-def _split(comm: Comm, sh, mask, q_rep, rows, k, v, kpm, scale, n_q, g: _Graph):
+def _split(comm: Comm, sh, mask, q_rep, rows, k, v, kpm, scale, n_q, g: _Graph, runtime=None):
     """Rows `rows` (absolute, sorted) of replicated queries `q_rep`, split over the ranks' keys: this rank's part
     against its own keys, all-gathered and merged by log-sum-exp (the same merged rows on every rank)."""
-    o, lse = _against_own_keys(mask, sh, comm.rank, q_rep, rows, k, v, kpm, scale, n_q)
+    o, lse = _against_own_keys(mask, sh, comm.rank, q_rep, rows, k, v, kpm, scale, n_q, runtime)
     g.part = torch.cat([o.to(lse.dtype), lse[..., None]], -1)
     g.gathered = comm.all_gather(g.part).requires_grad_(g.on)
     g.merged = merge(g.gathered[..., :-1], g.gathered[..., -1], 0)[0]
@@ -145,7 +149,7 @@ def _leaf(x: torch.Tensor, on: bool) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------- sharded x sharded
-def _sharded_forward(comm: Comm, plan: HaloPlan, q, k, v, kpm, scale, on: bool):
+def _sharded_forward(comm: Comm, plan: HaloPlan, q, k, v, kpm, scale, on: bool, runtime=None):
     rank, sh, n = comm.rank, plan.sharding, plan.sharding.seq_len
     D, Dv = q.shape[3], v.shape[3]
     g = _Graph()
@@ -163,7 +167,8 @@ def _sharded_forward(comm: Comm, plan: HaloPlan, q, k, v, kpm, scale, on: bool):
             for buf in (b for b in plan.buffers[rank] if b.seg == s):
                 kvb = _buffer(plan, rank, buf, g.kv, g.received, offsets)
                 pad = _buffer(plan, rank, buf, kpm, pads, offsets) if kpm is not None else None
-                pieces.append(_call(qs, kvb[..., :D], kvb[..., D:], Region(plan.rest, a, buf.lo, n, n), scale, pad))
+                pieces.append(_call(qs, kvb[..., :D], kvb[..., D:], Region(plan.rest, a, buf.lo, n, n), scale, pad,
+                                    _ids(runtime, (a, e), (buf.lo, buf.hi))))
             outs.append(merge_pieces(pieces, qs, Dv)[0])
         out = torch.cat(outs, 2) if outs else q.new_zeros(*q.shape[:3], Dv)
         if plan.rows:
@@ -172,7 +177,8 @@ def _sharded_forward(comm: Comm, plan: HaloPlan, q, k, v, kpm, scale, on: bool):
             q_rows = q.new_zeros(*q.shape[:2], len(plan.rows), D)
             q_rows[:, :, xs] = q.detach()[:, :, ls]
             g.q_rows = comm.all_reduce(q_rows).requires_grad_(on)
-            rows = _split(comm, sh, plan.mask, g.q_rows, plan.rows, g.kv[..., :D], g.kv[..., D:], kpm, scale, n, g)
+            rows = _split(comm, sh, plan.mask, g.q_rows, plan.rows, g.kv[..., :D], g.kv[..., D:], kpm, scale, n, g,
+                          runtime)
             if g.own:
                 out = out.index_copy(2, torch.tensor(ls, device=q.device), rows[:, :, xs])
     g.out = out
@@ -181,9 +187,9 @@ def _sharded_forward(comm: Comm, plan: HaloPlan, q, k, v, kpm, scale, on: bool):
 
 class _ShardedSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, kpm, comm, plan, scale):
+    def forward(ctx, q, k, v, kpm, comm, plan, scale, runtime):
         comm.phase = "forward"
-        out, ctx.g = _sharded_forward(comm, plan, q, k, v, kpm, scale, on=True)
+        out, ctx.g = _sharded_forward(comm, plan, q, k, v, kpm, scale, True, runtime)
         ctx.comm, ctx.plan, ctx.d = comm, plan, q.shape[3]
         return out.detach()
 
@@ -195,27 +201,28 @@ class _ShardedSoftmax(torch.autograd.Function):
         outs, douts = [g.out], [dout]
         inputs = [g.q, g.kv, *g.received.values()]
         if plan.rows:
-            dmerged = _grads([g.out], [g.merged], [dout])[0]
+            dmerged = grads([g.out], [g.merged], [dout])[0]
             outs, douts, inputs = outs + [g.part], douts + [_split_backward(comm, g, dmerged)], inputs + [g.q_rows]
-        grads = _grads(outs, inputs, douts)
-        dq, dkv = grads[0], grads[1]
+        got = grads(outs, inputs, douts)
+        dq, dkv = got[0], got[1]
         if plan.rows:
-            drows = comm.all_reduce(grads[-1])
+            drows = comm.all_reduce(got[-1])
             for x, loc in g.own:
                 dq[:, :, loc] += drows[:, :, x]
-        back = dict(zip(g.received, grads[2:2 + len(g.received)]))
+        back = dict(zip(g.received, got[2:2 + len(g.received)]))
         dkv = dkv + _return(comm, plan, back, g.kv)
         ctx.g = None
-        return dq, dkv[..., :ctx.d], dkv[..., ctx.d:], None, None, None, None
+        return dq, dkv[..., :ctx.d], dkv[..., ctx.d:], None, None, None, None, None
 
 
-def sharded_softmax(comm: Comm, plan: HaloPlan, q, k, v, kpm, scale: float) -> torch.Tensor:
-    """Softmax attention of this rank's query rows over the whole (sharded) sequence; returns its rows."""
+def sharded_softmax(comm: Comm, plan: HaloPlan, q, k, v, kpm, scale: float, runtime=None) -> torch.Tensor:
+    """Softmax attention of this rank's query rows over the whole (sharded) sequence; returns its rows.
+    `runtime`: the ids of `same(...)` masks, name -> `[B, N]` for the whole sequence."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _ShardedSoftmax.apply(q, k, v, kpm, comm, plan, scale)
+        return _ShardedSoftmax.apply(q, k, v, kpm, comm, plan, scale, runtime)
     comm.phase = "forward"
     with torch.no_grad():
-        return _sharded_forward(comm, plan, q, k, v, kpm, scale, on=False)[0]
+        return _sharded_forward(comm, plan, q, k, v, kpm, scale, False, runtime)[0]
 
 
 # ------------------------------------------------------------------------------ replicated queries or keys
@@ -237,7 +244,7 @@ class _SplitSoftmax(torch.autograd.Function):
         g, comm = ctx.g, ctx.comm
         comm.phase = "backward"
         dpart = _split_backward(comm, g, dout)
-        dq, dk, dv = _grads([g.part], [g.q, g.k, g.v], [dpart])
+        dq, dk, dv = grads([g.part], [g.q, g.k, g.v], [dpart])
         ctx.g = None
         return dq, dk, dv, None, None, None, None, None
 
