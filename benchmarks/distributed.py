@@ -39,7 +39,7 @@ def _ring_kv(comm, kv, sizes):
     for step in range(1, w):
         src = (r - step) % w
         got = comm.exchange({(r + 1) % w: cur}, {(r - 1) % w: ((*kv.shape[:2], sizes[src], kv.shape[3]),
-                                                                 kv.dtype, kv.device)})
+                                                                 kv.dtype, kv.device)}, kv.device)
         cur = blocks[src] = got[(r - 1) % w]
     return [blocks[s] for s in range(w)]
 

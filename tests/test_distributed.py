@@ -38,6 +38,22 @@ def test_region_is_a_window_of_the_whole_problem(m, n, data, block):
     assert torch.equal(tile_layout(region, rows, keys, *block).dense(), truth)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(8, 60), st.data(), st.sampled_from([(4, 4), (8, 4), (4, 8)]))
+def test_region_places_runtime_ids(n, data, block):
+    """Document ids: the local call's ids (its rows, its keys) give the window of the whole problem's mask."""
+    ids = torch.tensor(sorted(data.draw(st.lists(st.integers(0, 4), min_size=n, max_size=n))))[None]
+    m = M.Same("doc") & data.draw(st.sampled_from([M.sliding(3), M.CAUSAL, M.sliding(1) | M.cols({2})]))
+    q0, k0 = data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, n - 1))
+    rows, keys = data.draw(st.integers(1, n - q0)), data.draw(st.integers(1, n - k0))
+    region, local = Region(m, q0, k0, n, n), {"doc": (ids[:, q0:q0 + rows], ids[:, k0:k0 + keys])}
+    want = dense_mask(m, n, runtime={"doc": ids})[:, q0:q0 + rows, k0:k0 + keys]
+    assert torch.equal(dense_mask(region, rows, keys, local), want)
+    truth = _truth(want, *block)
+    assert torch.equal(block_layout(region, rows, keys, *block, runtime=local), truth)
+    assert torch.equal(tile_layout(region, rows, keys, *block, runtime=local).dense(), truth)
+
+
 def test_region_keeps_a_band_sparse():
     band = M.sliding(64)
     local = tile_layout(Region(band, 4096, 4096 - 64, 1 << 14, 1 << 14), 1024, 1024 + 128, 64, 32)

@@ -47,12 +47,12 @@ def _share(stage, ir) -> float:
 def _softmax_costs(mask, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(per query position, per key position) pairs of a sharded softmax stage."""
     rest, rows = without_rows(mask), global_rows(mask, n)
-    lay = tile_layout(rest, n, n, COST_BLOCK, COST_BLOCK)
+    block = max(COST_BLOCK, -(-n // 1024))            # at most 1024 x 1024 tiles, at any length
+    lay = tile_layout(rest, n, n, block, block)
     g = lay.grid
-    r0, r1 = g.row_bounds(lay.row_ids())
     c0, c1 = g.col_bounds(lay.col_idx)
     per_tile = torch.zeros(g.nqb, dtype=torch.float64).index_add_(0, lay.row_ids(), (c1 - c0 + 1).double())
-    rows_of = torch.arange(n) // COST_BLOCK
+    rows_of = torch.arange(n) // block
     q_cost = per_tile[rows_of] if n else torch.zeros(0, dtype=torch.float64)
     return q_cost, torch.full((n,), float(len(rows)), dtype=torch.float64)
 

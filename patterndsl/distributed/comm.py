@@ -31,6 +31,7 @@ class Comm:
         self.world_size = dist.get_world_size(group)
         self.sent: dict[str, int] = {}
         self.phase = "forward"
+        self._joined = False
 
     def count(self, nbytes: float) -> None:
         self.sent[self.phase] = self.sent.get(self.phase, 0) + int(nbytes)
@@ -38,9 +39,14 @@ class Comm:
     def _peer(self, r: int) -> int:
         return r if self.group is None else self.dist.get_global_rank(self.group, r)
 
-    def exchange(self, sends: dict[int, torch.Tensor], recvs: dict[int, tuple]) -> dict[int, torch.Tensor]:
+    def exchange(self, sends: dict[int, torch.Tensor], recvs: dict[int, tuple], device) -> dict[int, torch.Tensor]:
         """Send `sends[dst]` to each dst and receive a tensor `recvs[src]` = (shape, dtype, device) from each src,
-        all at once; empty tensors are not sent (both sides know the sizes)."""
+        all at once; empty tensors are not sent (both sides know the sizes). Every rank calls it, even with
+        nothing to send: the first call makes one uncounted all-reduce, so that the group's communicators
+        exist before any rank posts point-to-point operations (NCCL asks for this)."""
+        if not self._joined:
+            self.dist.all_reduce(torch.zeros(1, device=device), group=self.group)
+            self._joined = True
         ops, got = [], {}
         for src, (shape, dtype, device) in sorted(recvs.items()):
             got[src] = torch.empty(shape, dtype=dtype, device=device)

@@ -34,6 +34,7 @@ from .sharding import Sharding
 
 BLOCK = (64, 32)   # the layout's tiles when deriving halos: keys are fetched in runs of 32
 GAP = 256          # runs of needed keys at most this far apart share a buffer
+GRID = 1 << 18     # at most this many tiles per segment's grid: longer segments get taller query tiles
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,8 @@ def _buffers(rest: M.Mask, sh: Sharding, seg: int, a: int, e: int, block, gap, r
     """The key buffers of the query rows `[a, e)`."""
     if e <= a or rest == M.EMPTY:
         return []
-    bm, bn = block
+    bn = block[1]
+    bm = max(block[0], -(-(e - a) * -(-sh.seq_len // bn) // GRID))   # the union over rows is the same: cheaper
     rows = Region(rest, a, 0, sh.seq_len, sh.seq_len)      # rows [a, e) of the whole problem (random's draw)
     local = {k: (ids[:, a:e], ids) for k, ids in runtime.items()} if runtime else None
     tiles = torch.unique(tile_layout(rows, e - a, sh.seq_len, bm, bn, local).col_idx).tolist()

@@ -7,9 +7,9 @@ for the whole `N_q x N_k` problem, as the single-process op draws it. It is an o
 protocol of `ir/masks/base.py`), so the torch backend's `softmax_attention` runs it unchanged:
 
 - `at` evaluates the inner mask at shifted indices through a thin proxy of the caller's ops;
-- `classify` and `candidates` ask the inner mask on the absolute grid (the query offset is the grid's own;
-  the key offset is met by classifying on a grid of `gcd(BN, k0)`-key tiles and combining them), so a band
-  stays a band: the local layout costs what the band costs, never `n x m`.
+- `classify` and `candidates` ask the inner mask on the absolute grid of the local rows and keys (the query
+  offset is the grid's own; the key offset is met by classifying on a grid of `gcd(BN, k0)`-key tiles and
+  combining them), so a band stays a band: the local layout costs what the band costs, never `n x m`.
 
 >>> import torch
 >>> from patterndsl.ir.mask import sliding, cols
@@ -61,10 +61,19 @@ class Region(M.Mask):
         g = tiles.grid
         fine = math.gcd(g.bn, self.k0) if self.k0 else g.bn
         qa = self.q0 + g.q_offset
-        grid = Grid(max(self.n_q - qa, 0), self.n_k, g.bm, fine, qa)
-        return Tiles(grid, self._placed(tiles.runtime, grid.n_q)), fine, g.bn // fine
+        rows, keys = max(self.n_q - qa, 0), self.n_k
+        if not self._draws:
+            rows, keys = min(g.n_q, rows), min(self.k0 + g.n_k, keys)
+        grid = Grid(rows, keys, g.bm, fine, qa)
+        return Tiles(grid, self._placed(tiles.runtime, grid)), fine, g.bn // fine
 
-    def _placed(self, runtime, rows: int):
+    @property
+    def _draws(self) -> bool:
+        """Whether the mask draws from the problem's size (`random`): its grid then runs to the last row and key,
+        as the draw reads the grid's size (enumerating those costs more, and random masks are sparse)."""
+        return any(isinstance(node, M.Random) for node in M.walk(self.mask))
+
+    def _placed(self, runtime, grid: Grid):
         """The local call's runtime ids where the whole problem has them (query ids from the grid's first row,
         key ids from key k0), edge values repeated outside: a tile's id range then reads local ids only."""
         if not runtime:
@@ -72,7 +81,7 @@ class Region(M.Mask):
         out = {}
         for name, ids in runtime.items():
             q_ids, k_ids = ids if isinstance(ids, (tuple, list)) else (ids, ids)
-            out[name] = (_place(q_ids, 0, rows), _place(k_ids, self.k0, self.n_k))
+            out[name] = (_place(q_ids, 0, grid.n_q), _place(k_ids, self.k0, grid.n_k))
         return out
 
     def classify(self, tiles, a, b):

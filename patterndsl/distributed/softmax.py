@@ -74,7 +74,7 @@ def _exchange(comm: Comm, plan: HaloPlan, x: torch.Tensor, dim: int = 2) -> dict
         shape = list(x.shape)
         shape[dim] = sum(b - a for a, b in ranges)
         recvs[src] = (tuple(shape), x.dtype, x.device)
-    return comm.exchange(sends, recvs)
+    return comm.exchange(sends, recvs, x.device)
 
 
 def _return(comm: Comm, plan: HaloPlan, back: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,7 @@ def _return(comm: Comm, plan: HaloPlan, back: dict[int, torch.Tensor], like: tor
     recvs = {}
     for dst, ranges in plan.sends(rank).items():
         recvs[dst] = ((*like.shape[:2], sum(b - a for a, b in ranges), like.shape[3]), like.dtype, like.device)
-    got = comm.exchange(back, recvs)
+    got = comm.exchange(back, recvs, like.device)
     out = torch.zeros_like(like)
     for dst, ranges in plan.sends(rank).items():
         index = torch.cat([torch.arange(sh.local_index(a), sh.local_index(a) + b - a) for a, b in ranges])
