@@ -97,6 +97,8 @@ def test_two_ranks_equal_one_process(results, c):
 
 SWEEP = [case(name, n, sh, padding=pad) for name in P for n in (257, 600) for sh in ("contiguous", "zigzag")
          for pad in (False, True)]
+SWEEP += [case(DOCS, n, sh, padding=True, label="document_mask", window=100) for n in (257, 600)
+          for sh in ("contiguous", "zigzag")]
 
 
 @pytest.mark.slow
