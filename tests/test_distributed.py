@@ -197,6 +197,10 @@ def test_one_rank_equals_the_op_and_checks_shards(one_rank):
     torch.testing.assert_close(docs(q, k, v, doc=ids), docs.op(q, k, v, doc=ids), rtol=0, atol=1e-13)
     with pytest.raises(PatternError, match=re.escape("doc: pass this rank's ids [B, n] (one tensor, for queries")):
         docs(q, k, v, doc=(ids, ids))
+    luna = ContextParallel(pd.compile("luna_causal", length=4), 40)
+    with pytest.raises(PatternError, match=re.escape("c (pack keys) must be this rank's shard, like k: "
+                                                     "torch.float64 [1, 2, 40, 4], got torch.float64 [1, 2, 39, 4]")):
+        luna(q, k, v, p=torch.randn(4, 4, dtype=torch.float64), c=k[:, :, 1:])
     for norm, what in (("linear(elu1)", "causal linear"), ("nested(p)", "nested")):
         op = pd.compile(f"pattern t() {{ param p[4]\n x = attend {norm} query p keys input, causal = true\n"
                         " return x }")

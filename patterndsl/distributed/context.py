@@ -83,11 +83,11 @@ class ContextParallel:
 
     # -------------------------------------------------------------------------------------------- running
     def __call__(self, q, k, v, key_padding_mask=None, **inputs):
-        op, sh = self.op, self.sharding
-        self._check(q, k, v, key_padding_mask)
+        op = self.op
+        self._check(q, k, v, key_padding_mask, inputs)
         op._validate(q, k, v, key_padding_mask, inputs)
         values = {n: op._param(n, inputs[n], q) for n, _ in op.ir.params}
-        kinds, self._ids = stage_kinds(op.ir), self._whole_ids(inputs)
+        kinds, ids = stage_kinds(op.ir), self._whole_ids(inputs)
         for st in op.ir.stages:
             qs = q if st.query == INPUT else values[st.query]
             ks, vs = (k, v) if st.keys == INPUT else (values[st.keys], values[st.keys])
@@ -95,18 +95,18 @@ class ContextParallel:
             if st.heads is not None:
                 a, b = st.heads
                 qs, ks, vs = qs[:, a:b], ks[:, a:b], vs[:, a:b]
-            values[st.name] = self._stage(st, kinds[st.name], qs, ks, vs, kpm, values, inputs)
+            values[st.name] = self._stage(st, kinds[st.name], qs, ks, vs, kpm, values, inputs, ids)
         if op.ir.by_heads:
             return torch.cat([values[o] for o in op.ir.outputs], dim=1)
         outs = tuple(values[o] for o in op.ir.outputs)
         return outs[0] if len(outs) == 1 else outs
 
-    def _stage(self, st, kinds, q, k, v, kpm, values, inputs):
+    def _stage(self, st, kinds, q, k, v, kpm, values, inputs, ids):
         comm, sh, norm = self.comm, self.sharding, st.normaliser
         if isinstance(norm, Softmax):
             scale = norm.scale if norm.scale is not None else q.shape[-1] ** -0.5
             if kinds == (True, True):
-                runtime = {n: self._ids[n] for n in M.runtime_inputs(st.mask)} or None
+                runtime = {n: ids[n] for n in M.runtime_inputs(st.mask)} or None
                 return sharded_softmax(comm, halo_plan(st.mask, sh, runtime=runtime), q, k, v, kpm, scale, runtime)
             if kinds == (False, True):
                 return split_softmax(comm, sh, st.mask, q, k, v, kpm, scale)
@@ -143,8 +143,14 @@ class ContextParallel:
             out[name] = self.gather(inputs[name], dim=1)
         return out
 
-    def _check(self, q, k, v, kpm) -> None:
+    def _check(self, q, k, v, kpm, inputs) -> None:
         n = self.sharding.sizes[self.rank]
+        c = inputs.get("c")
+        if "c" in self.op.input_names() and isinstance(k, torch.Tensor) and (
+                not isinstance(c, torch.Tensor) or c.shape != k.shape or c.dtype != k.dtype):
+            got = f"{c.dtype} [{', '.join(map(str, c.shape))}]" if isinstance(c, torch.Tensor) else type(c).__name__
+            raise PatternError(f"c (pack keys) must be this rank's shard, like k: {k.dtype} "
+                               f"[{', '.join(map(str, k.shape))}], got {got}")
         for name, t in (("q", q), ("k", k), ("v", v)):
             if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[2] != n:
                 raise PatternError(f"rank {self.rank} holds {n} of the {self.seq_len} positions, but {name} has "
