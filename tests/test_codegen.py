@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 triton = pytest.importorskip("triton")
@@ -86,7 +86,16 @@ def _terms(draw, depth=3):
 @given(st.sampled_from(["<", "<=", ">", ">=", "==", "!="]), _terms(), _terms())
 def test_generated_predicates_equal_the_dense_mask(op, a, b):
     mask = M.Where(P.Cmp(op, a, b))
+    assume(not list(mask.problems()))  # the language's domain: no intermediate reaches 2^63 (docs/language.md §7)
     assert torch.equal(_generated(mask, 37, 29), dense_mask(mask, 37, 29))
+
+
+def test_predicates_beyond_64_bits_are_refused_by_the_verifier():
+    from patterndsl.ir.verify import IRError, verify_mask
+    big = P.Bin("*", P.Bin("*", I, C(3 << 33)), C(3 << 33))
+    with pytest.raises(IRError, match="64-bit"):
+        verify_mask(M.Where(P.Cmp("<", J, big)))
+    verify_mask(M.Where(P.Cmp("<", J, P.Bin("*", I, C(1 << 31)))))  # 2^62: inside
 
 
 MASKS = {

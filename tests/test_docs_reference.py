@@ -32,7 +32,8 @@ doc("`out_r = sum_{j in A(r)} exp(s_rj) v_j / sum_{j in A(r)} exp(s_rj)`, with `
 doc("`scale` is the option `scale = NUMBER` (a finite number > 0), else `1 / sqrt(d)`.")
 doc("A row with `A(r)` empty outputs zeros.")
 doc("`A(r)` the keys row `r` may attend to: the keys `j` with `(r, j)` in the stage's mask, minus padded keys.")
-doc("Query row `r` is at position `r` and key `j` at position `j`: query 0 lines up with key 0, whatever the lengths.")
+doc("Query row `r` of a call with `q_offset = o` is at absolute position `o + r`; key `j` is at position `j`.")
+doc("The default `o = 0` lines query 0 up with key 0")
 
 
 def softmax_rows(q, k, v, allowed, scale=None):

@@ -1,4 +1,6 @@
 """`longformer_from_hf` reproduces transformers' `LongformerSelfAttention` (random weights, no download)."""
+import copy
+
 import pytest
 import torch
 
@@ -109,3 +111,27 @@ def test_errors():
         ours(x, global_attention_mask=[0] * 8)
     with pytest.raises(PatternError, match="attention_mask must hold only 0 and 1"):
         ours(x, attention_mask=torch.full((1, 8), -10000.0))
+
+
+def test_inside_a_longformer_model_the_outputs_are_transformers():
+    """Every layer's attention replaced by ours: LongformerModel's outputs are unchanged (padding to the window,
+    global tokens, padded rows), and asking for attention probabilities is refused."""
+    torch.manual_seed(0)
+    cfg = transformers.LongformerConfig(vocab_size=50, hidden_size=E, num_attention_heads=HEADS, num_hidden_layers=2,
+                                        intermediate_size=64, attention_window=[4, 8], max_position_embeddings=64,
+                                        pad_token_id=1)
+    base = transformers.LongformerModel(cfg, add_pooling_layer=False).eval()
+    ours = copy.deepcopy(base)
+    for layer in ours.encoder.layer:
+        layer.attention.self = longformer_from_hf(layer.attention.self, backend="torch")
+    ids = torch.randint(2, 50, (2, 13), generator=torch.Generator().manual_seed(3))
+    am = torch.ones_like(ids)
+    am[1, -4:] = 0
+    gm = torch.zeros_like(ids)
+    gm[0, 0] = gm[1, [2, 7]] = 1
+    with torch.no_grad():
+        got = ours(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
+        want = base(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
+    assert (got - want).abs().max() <= 1e-5
+    with pytest.raises(PatternError, match="patterndsl's Longformer layer cannot return attention probabilities"):
+        ours(ids, attention_mask=am, output_attentions=True)

@@ -212,3 +212,13 @@ def test_same_with_ids_is_sound_in_every_batch_row(ids, monkeypatch):
 def test_empty_shapes():
     assert block_layout(M.sliding(2), 0, 5, 4, 4).shape == (0, 2)
     assert tile_layout(M.sliding(2), 0, 5, 4, 4).nnz == 0
+
+
+def test_intersection_enumerates_only_its_sparsest_part():
+    """`causal & random(...)` lists the random part's tiles, never the causal half (N^2 / 2 tiles at 1M)."""
+    g = Grid(1 << 14, 1 << 14, 64, 64)
+    sparse = M.Random(3, 64, 0)
+    a, b = M.inter(M.CAUSAL, sparse).candidates(Tiles(g))
+    ra, rb = sparse.candidates(Tiles(g))
+    assert torch.equal(a, ra) and torch.equal(b, rb)
+    assert a.numel() < 8 * (g.nqb * 3)          # about count tiles per row, not nqb * nkb / 2

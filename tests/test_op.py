@@ -48,10 +48,13 @@ def test_tensor_kinds():
 
 
 def test_shapes():
-    _raises("q, k, v must share batch and heads: q [2, 2, 6, 4], k [1, 2, 6, 4], v [2, 2, 6, 4]",
+    _raises("q, k, v must share the batch: q [2, 2, 6, 4], k [1, 2, 6, 4], v [2, 2, 6, 4]",
             SLIDING, Q, _t(1, 2, 6, 4), Q)
-    _raises("k must have q's head dim 4: expected [2, 2, N_k, 4], got [2, 2, 6, 5]", SLIDING, Q, _t(2, 2, 6, 5), Q)
-    _raises("v must have k's length 6: expected [2, 2, 6, D_v], got [2, 2, 5, 4]", SLIDING, Q, Q, _t(2, 2, 5, 4))
+    _raises("k must have q's head dim 4: expected [2, H_kv, N_k, 4], got [2, 2, 6, 5]", SLIDING, Q, _t(2, 2, 6, 5), Q)
+    _raises("v must have k's heads and length: expected [2, 2, 6, D_v], got [2, 2, 5, 4]", SLIDING, Q, Q,
+            _t(2, 2, 5, 4))
+    _raises("v must have k's heads and length: expected [2, 2, 6, D_v], got [2, 1, 6, 4]", SLIDING, Q, Q,
+            _t(2, 1, 6, 4))
     q = _t(1, 3, 5, 4)
     _raises("pattern prog splits 4 heads, but q has 3 heads [1, 3, 5, 4]", HYBRID, q, q, q)
     q = _t(1, 4, 5, 4)
@@ -77,7 +80,7 @@ def test_inputs_named_and_missing():
     assert "pass p=<tensor [3, D]> (learned packed queries)" in str(e.value)
     with pytest.raises(PatternError, match="needs the input 'c'") as e:
         CAUSAL_LUNA(Q, Q, Q, p=_t(3, 4))
-    assert "pass c=<tensor [B, H, N, D]>: the pack keys pc(x) of causal Luna" in str(e.value)
+    assert "pass c=<tensor [B, H_kv, N, D]>: the pack keys pc(x) of causal Luna, shaped like k" in str(e.value)
     with pytest.raises(PatternError, match="needs the input 'seg'") as e:
         SAME(Q, Q, Q)
     assert "pass seg=<LongTensor [B, N]> of ids for same(seg)" in str(e.value)

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from helpers import assert_close
-from patterndsl import PatternError
 from patterndsl.backends.reference.nested import nested_attention
 
 F64 = torch.float64
@@ -76,7 +75,13 @@ def test_gradcheck_B1_H2_N6_D3_L2():
     assert torch.autograd.gradcheck(lambda *a: nested_attention(*a, key_padding_mask=kpm), args)
 
 
-def test_queries_and_keys_must_have_one_length():
-    q, k, v, p, c = _inputs(1, 1, 6, 4, 2, seed=20)
-    with pytest.raises(PatternError, match="causal Luna needs as many queries as keys: q has 4, k has 6"):
-        nested_attention(q[:, :, :4], k, v, p, c)
+def test_rectangular_calls_are_rows_at_their_positions():
+    """Rows at positions q_offset + r: the keys past the last query are never read, missing keys are padding."""
+    q, k, v, p, c = _inputs(1, 2, 9, 4, 2, seed=20)
+    full = nested_attention(q, k, v, p, c)
+    assert_close("first rows", nested_attention(q[:, :, :4], k, v, p, c), full[:, :, :4], atol=1e-13)
+    assert_close("offset rows", nested_attention(q[:, :, 3:7], k, v, p, c, q_offset=3), full[:, :, 3:7], atol=1e-13)
+    short = nested_attention(q[:, :, 5:], k[:, :, :7], v[:, :, :7], p, c[:, :, :7], q_offset=5)
+    kpm = torch.zeros(1, 9, dtype=torch.bool)
+    kpm[0, 7:] = True
+    assert_close("missing keys", short, nested_attention(q, k, v, p, c, kpm)[:, :, 5:], atol=1e-13)

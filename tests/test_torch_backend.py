@@ -186,11 +186,13 @@ def test_custom_op_registration():
     kpm = torch.zeros(1, 40, dtype=torch.bool)
     kpm[0, -3:] = True
     key = register("torch_softmax", M.sliding(3) | M.global_({0}), 16, 16, 2)
-    torch.library.opcheck(S._softmax_op, (q, k, v, kpm, [], key, 0.25))
+    torch.library.opcheck(S._softmax_op, (q, k, v, kpm, [], key, 0.25, 3))
+    k1, v1 = (x[:, :1].detach().requires_grad_() for x in (k, v))                 # grouped kv heads
+    torch.library.opcheck(S._softmax_op, (q, k1, v1, kpm, [], key, 0.25, 0))
     q, k, v = (x.detach() for x in (q, k, v))
-    out, lse = S._softmax_op(q, k, v, kpm, [], key, 0.25)
+    out, lse = S._softmax_op(q, k, v, kpm, [], key, 0.25, 3)
     do = torch.randn_like(out)
-    torch.library.opcheck(S._softmax_bwd_op, (do, None, q, k, v, out, lse, kpm, [], key, 0.25))
+    torch.library.opcheck(S._softmax_bwd_op, (do, None, q, k, v, out, lse, kpm, [], key, 0.25, 3))
 
 
 # ------------------------------------------------------------------------------------------------ FAVOR+

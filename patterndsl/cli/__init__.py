@@ -6,13 +6,14 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS = ("check", "explain", "show", "emit", "bench", "demo")
+SUBCOMMANDS = ("check", "explain", "show", "emit", "bench", "demo", "diff", "reach")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="patterndsl", description="A compiler for attention patterns: check, explain, draw, emit and "
-                                       "benchmark .attn programs (a FILE may also name a built-in).")
+                                       "benchmark .attn programs, compare them and trace their receptive "
+                                       "fields (a FILE may also name a built-in).")
     from .. import __version__
     parser.add_argument("--version", action="version", version=f"patterndsl {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -24,12 +24,11 @@ import re
 from typing import Callable, Iterable
 
 from ..errors import PatternError, Span
+from ..ir.predicate import POSITION_LIMIT, WHERE_LIMIT, range_bin, range_call
 from . import ast
 
 MAX_DEPTH = 200           # levels an expression may nest (see nesting.py for what a level is)
 INT_LIMIT = 1 << 40
-POSITION_LIMIT = 1 << 31
-WHERE_LIMIT = 1 << 63
 _LIMITS_DOC = "see 'Limits' in docs/language.md"
 
 
@@ -194,12 +193,8 @@ class _Where:
         return (v, v) if isinstance(v, (int, float)) else (0, 0)
 
     def _call(self, e: ast.Call, rs: list):
-        rs = [self._int(a, r, e.func) for a, r in zip(list(e.args) + [k.value for k in e.kwargs], rs)]
-        if e.func == "abs":
-            (lo, hi), = rs
-            return (0 if lo <= 0 <= hi else min(abs(lo), abs(hi)), max(abs(lo), abs(hi)))
-        pick = min if e.func == "min" else max
-        return (pick(r[0] for r in rs), pick(r[1] for r in rs))
+        args = list(e.args) + [k.value for k in e.kwargs]
+        return range_call(e.func, [self._int(a, r, e.func) for a, r in zip(args, rs)])
 
     def _binary(self, e: ast.BinOp, ra, rb):
         if e.op in ("and", "or"):
@@ -209,14 +204,7 @@ class _Where:
         a, b = self._int(e.left, ra, e.op), self._int(e.right, rb, e.op)
         if e.op in _ORDER:
             return None
-        if e.op == "+":
-            return (a[0] + b[0], a[1] + b[1])
-        if e.op == "-":
-            return (a[0] - b[1], a[1] - b[0])
-        if e.op == "*":
-            corners = [x * y for x in a for y in b]
-            return (min(corners), max(corners))
-        return _divide(e.op, a, b)
+        return range_bin(e.op, a, b)
 
     def _int(self, e: ast.Expr, r, op: str) -> tuple:
         if r is None:
@@ -230,23 +218,6 @@ class _Where:
             raise PatternError(f"`{op}` takes conditions inside where(...), got an integer", e.span,
                                hint="compare it, e.g. x != 0")
         return None
-
-
-def _divide(op: str, a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
-    """Floor division and remainder (x // 0 == x % 0 == 0) over intervals, soundly."""
-    if b[0] == b[1]:
-        c = b[0]
-        if c == 0:
-            return (0, 0)
-        if op == "//":
-            ends = (a[0] // c, a[1] // c)
-            return (min(ends), max(ends))
-        return (0, c - 1) if c > 0 else (c + 1, 0)
-    m = max(abs(b[0]), abs(b[1]))
-    if op == "//":
-        top = max(abs(a[0]), abs(a[1]))
-        return (-top, top)
-    return (-(m - 1), m - 1)
 
 
 def where_bounds_text(m: int) -> str:

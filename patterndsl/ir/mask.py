@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Union as _U
 
-from .masks import (BUILDERS, CAUSAL, EMPTY, FULL, Band, Blocks, Cols, Empty, Full, Inter, Mask, Not, Random,  # noqa: F401
-                    Rows, Same, Union, Where, band_mask as band, blocks_mask as blocks, cols, complement,
-                    difference, global_, inter, random_blocks, rows, runtime_inputs, sliding, strided, union, walk,
-                    window)
+from .masks import (BUILDERS, CAUSAL, EMPTY, FULL, KEEP_ALL, Band, Blocks, Cols, Empty, Full, Inter, Keep,  # noqa: F401
+                    Mask, Not, Random, Rows, Same, Union, Where, band_mask as band, blocks_mask as blocks, cols,
+                    complement, difference, global_, inter, random_blocks, rows, runtime_inputs, sliding, strided,
+                    union, walk, window)
 
 MaskT = _U[Full, Empty, Band, Rows, Cols, Blocks, Random, Same, Where, Union, Inter, Not]
 

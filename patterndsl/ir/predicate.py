@@ -179,6 +179,84 @@ class PythonOps:
         return (not a) if op == "not" else ((a and b) if op == "and" else (a or b))
 
 
+POSITION_LIMIT = 1 << 31  # query and key positions are below this (every sequence a backend can run)
+WHERE_LIMIT = 1 << 63     # no intermediate value of a predicate may reach this: 64-bit arithmetic stays exact
+
+
+def range_bin(op: str, a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    """An interval holding `x op y` for every x in a and y in b (Python ints; exact for + - *, sound for the
+    floor division and remainder, where x // 0 == x % 0 == 0)."""
+    if op == "+":
+        return (a[0] + b[0], a[1] + b[1])
+    if op == "-":
+        return (a[0] - b[1], a[1] - b[0])
+    if op == "*":
+        corners = [x * y for x in a for y in b]
+        return (min(corners), max(corners))
+    if b[0] == b[1]:
+        c = b[0]
+        if c == 0:
+            return (0, 0)
+        if op == "//":
+            ends = (a[0] // c, a[1] // c)
+            return (min(ends), max(ends))
+        return (0, c - 1) if c > 0 else (c + 1, 0)
+    m = max(abs(b[0]), abs(b[1]))
+    if op == "//":
+        top = max(abs(a[0]), abs(a[1]))
+        return (-top, top)
+    return (-(m - 1), m - 1)
+
+
+def range_call(func: str, args: list[tuple[int, int]]) -> tuple[int, int]:
+    """An interval holding `abs`, `min` or `max` of values in the argument intervals."""
+    if func == "abs":
+        (lo, hi), = args
+        return (0 if lo <= 0 <= hi else min(abs(lo), abs(hi)), max(abs(lo), abs(hi)))
+    pick = min if func == "min" else max
+    return (pick(r[0] for r in args), pick(r[1] for r in args))
+
+
+class RangeOps:
+    """Evaluate predicates on integer intervals (Python ints), recording the largest magnitude any
+    intermediate value can take in `peak`; conditions evaluate to None."""
+
+    def __init__(self):
+        self.peak = 0
+
+    def _seen(self, r):
+        if r is not None:
+            self.peak = max(self.peak, -r[0], r[1])
+        return r
+
+    def const(self, v):
+        return None if isinstance(v, bool) else self._seen((v, v))
+
+    def bin(self, op, a, b):
+        return self._seen(range_bin(op, a or (0, 1), b or (0, 1)))  # a number used as a condition is 0 or 1
+
+    def call(self, func, args):
+        return self._seen(range_call(func, [r or (0, 1) for r in args]))
+
+    def cmp(self, op, a, b):
+        return None
+
+    def logic(self, op, a, b=None):
+        return None
+
+
+def peak_magnitude(p: Pred) -> int:
+    """The largest magnitude an intermediate value of `p` can reach for positions in [0, POSITION_LIMIT).
+
+    >>> peak_magnitude(Cmp("<", Bin("*", I, J), Const(3)))
+    4611686014132420609
+    """
+    ops = RangeOps()
+    whole = (0, POSITION_LIMIT - 1)
+    evaluate(p, ops._seen(whole), whole, ops)
+    return ops.peak
+
+
 TORCH_OPS = TorchOps()
 PYTHON_OPS = PythonOps()
 

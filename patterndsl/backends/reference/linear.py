@@ -24,10 +24,12 @@ _LOW = (torch.float16, torch.bfloat16)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map, projection: torch.Tensor | None,
-                     causal: bool = False, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                     causal: bool = False, key_padding_mask: torch.Tensor | None = None,
+                     q_offset: int = 0) -> torch.Tensor:
     """Linear attention. q `[B, H, N_q, D]`, k `[B, H, N_k, D]`, v `[B, H, N_k, D_v]`, projection `[m, D]`
     (None for elu1), `key_padding_mask` bool `[B, N_k]` (True = ignored key). Returns `[B, H, N_q, D_v]` in
-    q's dtype. Causal: query t sees keys j <= t (keys past the last query are cut, missing ones are padding).
+    q's dtype. Causal: query row r, at position t = q_offset + r, sees keys j <= t (keys past the last query
+    are cut, missing ones are padding).
     """
     dtype = q.dtype
     work = torch.float32 if dtype in _LOW else dtype
@@ -35,13 +37,14 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_
     w = projection.to(work) if projection is not None else None
     valid = valid_keys(k, key_padding_mask)
     if causal:
-        k, v, valid = align_keys(q.shape[2], k, v, valid)
+        k, v, valid = align_keys(q_offset + q.shape[2], k, v, valid)
     k, v = (torch.where(valid[:, None, :, None], x, 0.0) for x in (k, v))
     fq = query_features(q, feature_map, w)
     if not causal:
         return _rows(fq, k, v, valid, feature_map, w).to(dtype)
-    rows = [_rows(fq[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], valid[:, :t + 1], feature_map, w)
-            for t in range(q.shape[2])]
+    ends = [q_offset + r + 1 for r in range(q.shape[2])]
+    rows = [_rows(fq[:, :, r:r + 1], k[:, :, :t], v[:, :, :t], valid[:, :t], feature_map, w)
+            for r, t in enumerate(ends)]
     return (torch.cat(rows, 2) if rows else q.new_zeros(*q.shape[:3], v.shape[3])).to(dtype)
 
 

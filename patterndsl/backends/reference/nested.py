@@ -23,28 +23,29 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ...errors import PatternError
-from .linear import valid_keys
+from .linear import align_keys, valid_keys
 
 BETA = math.log(2.0)
 _LOW = (torch.float16, torch.bfloat16)
 
 
 def nested_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor, c: torch.Tensor,
-                            key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal Luna. q, k, c `[B, H, N, D]`, v `[B, H, N, D_v]`, p `[B, H, l, D]` (packed queries),
-    `key_padding_mask` bool `[B, N]` (True = ignored key). Returns `[B, H, N, D_v]` in q's dtype.
+                     key_padding_mask: torch.Tensor | None = None, q_offset: int = 0) -> torch.Tensor:
+    """Causal Luna. q `[B, H, N_q, D]`, k, c `[B, H, N_k, D]`, v `[B, H, N_k, D_v]`, p `[B, H, l, D]` (packed
+    queries), `key_padding_mask` bool `[B, N_k]` (True = ignored key). Query row r is at position
+    t = q_offset + r and sees keys j <= t (keys past the last query are cut, missing ones count as padding).
+    Returns `[B, H, N_q, D_v]` in q's dtype.
     """
-    if q.shape[2] != k.shape[2]:
-        raise PatternError(f"causal Luna needs as many queries as keys: q has {q.shape[2]}, k has {k.shape[2]}")
     dtype = q.dtype
     work = torch.float32 if dtype in _LOW else dtype
     q, k, v, p, c = (t.to(work) for t in (q, k, v, p, c))
     valid = valid_keys(k, key_padding_mask)
+    k, v, valid = align_keys(q_offset + q.shape[2], k, v, valid)
+    c = align_keys(q_offset + q.shape[2], c, c, valid)[0]
     keep = valid[:, None, :, None]
     k, v, c = (torch.where(keep, x, 0.0) for x in (k, v, c))
-    rows = [_row(q[:, :, t], k[:, :, :t + 1], v[:, :, :t + 1], p, c[:, :, :t + 1], keep[:, :, :t + 1])
-            for t in range(q.shape[2])]
+    rows = [_row(q[:, :, r], k[:, :, :t + 1], v[:, :, :t + 1], p, c[:, :, :t + 1], keep[:, :, :t + 1])
+            for r, t in enumerate(range(q_offset, q_offset + q.shape[2]))]
     return (torch.stack(rows, 2) if rows else q.new_zeros(*q.shape[:3], v.shape[3])).to(dtype)
 
 

@@ -150,11 +150,14 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, eps: fl
                     key_padding_mask: Tensor | None = None) -> Tensor:
     """Bidirectional FAVOR+ attention (differentiable in q, k, v; the projection is a constant).
 
-    q `[B, H, N_q, D]`, k `[B, H, N_k, D]`, v `[B, H, N_k, D_v]`, projection `[m, D]`, `key_padding_mask` bool
+    q `[B, H, N_q, D]`, k `[B, H_kv, N_k, D]`, v `[B, H_kv, N_k, D_v]` (H_kv dividing H: the query heads of a
+    group share their kv head's `[KV, z]`), projection `[m, D]`, `key_padding_mask` bool
     `[B, N_k]` (True = ignored key). Returns `[B, H, N_q, D_v]` in q's dtype (fp16/bf16 computed in float32).
     """
     dtype = q.dtype
     work = torch.float32 if dtype in _LOW else dtype
     q, k, v = (x.to(work) for x in (q, k, v))
-    out = _favor_op(q, k, v, projection.to(work).detach(), key_padding_mask, float(eps))[0]
-    return out.to(dtype)
+    B, H, n, D = q.shape
+    rows = q.reshape(B, k.shape[1], H // k.shape[1] * n, D)     # grouped heads: rows sharing one [KV, z]
+    out = _favor_op(rows, k, v, projection.to(work).detach(), key_padding_mask, float(eps))[0]
+    return out.reshape(B, H, n, v.shape[3]).to(dtype)

@@ -29,18 +29,19 @@ BLOCK = (128, 32)  # Longformer, 2 CPU cores: the fastest of (64|128) x (32|64) 
 _LOW = (torch.float16, torch.bfloat16)
 
 
-def _schedule(q, k, key, ids) -> Schedule:
+def _schedule(q, k, key, ids, q_offset) -> Schedule:
     _, mask, bm, bn, split = spec(key)
     runtime = unflatten_ids(mask, ids)
     heads = q.shape[0] * q.shape[1]
     if runtime:
-        return make_schedule(mask, q.shape[2], k.shape[2], bm, bn, heads, split, runtime).to(q.device)
-    return _on_device(mask, q.shape[2], k.shape[2], bm, bn, heads, split, q.device)
+        return make_schedule(mask, q.shape[2], k.shape[2], bm, bn, heads, split, runtime,
+                             q_offset=q_offset).to(q.device)
+    return _on_device(mask, q.shape[2], k.shape[2], bm, bn, heads, split, q.device, q_offset)
 
 
 @functools.lru_cache(maxsize=32)
-def _on_device(mask, n_q, n_k, bm, bn, heads, split, device) -> Schedule:
-    sched = make_schedule(mask, n_q, n_k, bm, bn, heads, split)
+def _on_device(mask, n_q, n_k, bm, bn, heads, split, device, q_offset) -> Schedule:
+    sched = make_schedule(mask, n_q, n_k, bm, bn, heads, split, q_offset=q_offset)
     return sched if device.type == "cpu" else sched.to(device)
 
 
@@ -56,14 +57,14 @@ def _work(*xs):
 # ------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("patterndsl::torch_softmax", mutates_args=())
 def _softmax_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], ids: list[Tensor],
-                key: str, scale: float) -> tuple[Tensor, Tensor]:
-    sched = _schedule(q, k, key, ids)
+                key: str, scale: float, q_offset: int) -> tuple[Tensor, Tensor]:
+    sched = _schedule(q, k, key, ids, q_offset)
     out, lse = blocksparse_fwd(*_work(q, k, v), sched, scale, key_padding_mask)
     return out.to(q.dtype).contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
 
 
 @_softmax_op.register_fake
-def _(q, k, v, key_padding_mask, ids, key, scale):
+def _(q, k, v, key_padding_mask, ids, key, scale, q_offset):
     B, H, NQ, _ = q.shape
     return q.new_empty(B, H, NQ, v.shape[3]), q.new_empty(B, H, NQ, dtype=_lse_dtype(q.dtype))
 
@@ -71,8 +72,8 @@ def _(q, k, v, key_padding_mask, ids, key, scale):
 @torch.library.custom_op("patterndsl::torch_softmax_bwd", mutates_args=())
 def _softmax_bwd_op(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                     lse: Tensor, key_padding_mask: Optional[Tensor], ids: list[Tensor], key: str,
-                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    sched = _schedule(q, k, key, ids)
+                    scale: float, q_offset: int) -> tuple[Tensor, Tensor, Tensor]:
+    sched = _schedule(q, k, key, ids, q_offset)
     work = _work(dout, q, k, v, out)
     wide = work[1].dtype
     dq, dk, dv = blocksparse_bwd(*work, lse.to(wide), sched, scale, key_padding_mask,
@@ -81,7 +82,7 @@ def _softmax_bwd_op(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, 
 
 
 @_softmax_bwd_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, key_padding_mask, ids, key, scale):
+def _(dout, dlse, q, k, v, out, lse, key_padding_mask, ids, key, scale, q_offset):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -91,10 +92,13 @@ register_softmax_autograd(_softmax_op, _softmax_bwd_op)
 # ------------------------------------------------------------------------------------------------ public
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: M.Mask, scale: float | None = None,
                       key_padding_mask: Tensor | None = None, runtime: dict | None = None,
-                      block: tuple[int, int] = BLOCK, split: int | None = None, return_lse: bool = False):
+                      block: tuple[int, int] = BLOCK, split: int | None = None, return_lse: bool = False,
+                      q_offset: int = 0):
     """Block-sparse softmax attention under `mask` in torch ops (differentiable in q, k, v; any device).
 
-    q `[B, H, N_q, D]`, k `[B, H, N_k, D]`, v `[B, H, N_k, D_v]`; `scale` defaults to `D ** -0.5`;
+    q `[B, H, N_q, D]`, k `[B, H_kv, N_k, D]`, v `[B, H_kv, N_k, D_v]` (H_kv dividing H: head h reads kv head
+    `h // (H / H_kv)`, K/V never repeated); query row r is at position `q_offset + r`; `scale` defaults to
+    `D ** -0.5`;
     `key_padding_mask` bool `[B, N_k]` (True = ignored key); `runtime` maps `same(...)` names to ids `[B, N]`
     or `(q_ids, k_ids)`. `block` = (BLOCK_M, BLOCK_N) tiles; `split` caps the key tiles of one work item
     (None: twice the mean nonempty row). Returns out `[B, H, N_q, D_v]` (and, if `return_lse`, lse
@@ -109,5 +113,5 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: M.Mask, scale: floa
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     ids = flatten_ids(mask, runtime, q.shape[0], q.shape[2], k.shape[2])
     key = register("torch_softmax", mask, int(block[0]), int(block[1]), split)
-    out, lse = _softmax_op(q, k, v, key_padding_mask, ids, key, scale)
+    out, lse = _softmax_op(q, k, v, key_padding_mask, ids, key, scale, int(q_offset))
     return (out, lse) if return_lse else out

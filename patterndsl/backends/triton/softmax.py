@@ -41,10 +41,11 @@ def default_blocks(head_dim: int, device: torch.device) -> tuple[int, int, int]:
 
 
 def _prepare(q, k, key, ids):
-    _, mask, bm, bn, split, warps = spec(key)
+    _, mask, bm, bn, split, warps, *offset = spec(key)         # interim: the offset rides in the spec
+    q_offset = offset[0] if offset else 0
     runtime = unflatten_ids(mask, ids)
-    plan = make_tile_plan(mask, q.shape[2], k.shape[2], bm, bn, split, runtime, q.device)
-    aux = build_aux(mask, q.shape[2], k.shape[2], q.shape[0], runtime, q.device)
+    plan = make_tile_plan(mask, q.shape[2], k.shape[2], bm, bn, split, runtime, q.device, q_offset)
+    aux = build_aux(mask, q.shape[2], k.shape[2], q.shape[0], runtime, q.device, q_offset)
     return plan, mask_module(mask), aux, warps
 
 
@@ -120,8 +121,10 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: M.Mask, scale: floa
 
 def run_softmax(q: Tensor, k: Tensor, v: Tensor, mask: M.Mask, scale: float | None = None,
                 key_padding_mask: Tensor | None = None, runtime: dict | None = None,
-                block: tuple[int, int] | None = None, split: int | None = None, return_lse: bool = False):
-    """`softmax_attention` for inputs the op has checked (the backend's entry)."""
+                block: tuple[int, int] | None = None, split: int | None = None, return_lse: bool = False,
+                q_offset: int = 0):
+    """`softmax_attention` for inputs the op has checked (the backend's entry); query row r is at position
+    `q_offset + r` (interim: the offset rides in the registered spec, as the tile plan and AUX take it)."""
     _check_support(q, k, v)
     bm, bn, warps = default_blocks(q.shape[3], q.device)
     if block is not None:
@@ -134,7 +137,7 @@ def run_softmax(q: Tensor, k: Tensor, v: Tensor, mask: M.Mask, scale: float | No
         raise PatternError(f"split (most tiles per program) must be an int >= 1, got {split!r}")
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     ids = flatten_ids(mask, runtime, q.shape[0], q.shape[2], k.shape[2])
-    key = register("triton_softmax", mask, bm, bn, split, warps)
+    key = register("triton_softmax", mask, bm, bn, split, warps, int(q_offset))
     wide = q.dtype == torch.float64             # the kernels accumulate in float32: run float64 there
     if wide:
         q, k, v = q.float(), k.float(), v.float()

@@ -14,7 +14,7 @@ from .band import CAUSAL, Band, band_bounds, sliding, strided, window
 from .band import band as band_mask
 from .base import EMPTY as EMPTY_TILE
 from .base import FULL as FULL_TILE
-from .base import PARTIAL, Builder, Mask, Tiles, classes
+from .base import KEEP_ALL, PARTIAL, Builder, Keep, Mask, Tiles, classes
 from .blocks import Blocks, blocks as blocks_mask
 from .index import Cols, Rows, cols, global_, rows
 from .logic import EMPTY, FULL, Empty, Full, Inter, Not, Union, complement, difference, inter, runtime_inputs, union, walk
@@ -32,7 +32,8 @@ def evaluate(mask: Mask, i, j, ops):
     return mask.at(i, j, ops)
 
 
-__all__ = ["BUILDERS", "CAUSAL", "EMPTY", "EMPTY_TILE", "FULL", "FULL_TILE", "PARTIAL", "Band", "Blocks", "Builder",
+__all__ = ["BUILDERS", "CAUSAL", "EMPTY", "EMPTY_TILE", "FULL", "FULL_TILE", "KEEP_ALL", "Keep", "PARTIAL", "Band",
+           "Blocks", "Builder",
            "Cols", "Empty", "Full", "Inter", "Mask", "Not", "Random", "Rows", "Same", "Tiles", "Union", "Where",
            "band_bounds", "band_mask", "blocks_mask", "classes", "cols", "complement", "difference", "evaluate",
            "global_", "inter", "random_", "random_blocks", "rows", "runtime_inputs", "sliding", "strided", "union",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Builder, Mask, classes, ranges_to_pairs, sure
+from .base import KEEP_ALL, Builder, Keep, Mask, classes, ranges_to_pairs, sure
 from .logic import EMPTY, FULL
 
 
@@ -82,6 +82,10 @@ class Band(Mask):
     def candidates(self, tiles):
         first, last = band_bounds(self, tiles.grid)
         return ranges_to_pairs(torch.arange(tiles.grid.nqb), first, last + 1)
+
+    def retained(self, t: int) -> Keep:
+        """Queries i >= t see keys j >= i - hi >= t - hi: a window keeps its last `hi` positions."""
+        return KEEP_ALL if self.hi is None else Keep(max(0, t - self.hi))
 
     def pairs(self, n):
         if self.lo is not None and self.hi is not None:

@@ -12,10 +12,13 @@ meanings; the rest of the compiler asks the node instead of switching on its typ
   tiles on a grid (`tiles` is a `Tiles` view, see below);
 - `pairs(n)`: allowed pairs of an n x n mask, as an expression in the sympy symbol n;
 - `union_all(nodes)` / `inter_all(nodes)`: how nodes of this class merge inside a union / intersection
-  (the normal form), and `runtime_names()`: names of runtime tensors it reads.
+  (the normal form), and `runtime_names()`: names of runtime tensors it reads;
+- `retained(t)`: the keys some query at a position >= t may still see (a `Keep`), from the closed form: what a
+  decode cache must hold once the queries before t are done (a window keeps its last keys, `cols` its columns).
 
 Only `at`, `source` and the fields are required: the defaults classify every tile as partial and uncertain
-(the planner then settles tiles by evaluating `at`), enumerate every tile, and count n^2 pairs.
+(the planner then settles tiles by evaluating `at`), enumerate every tile, count n^2 pairs, and retain
+every key.
 
 **ops.** `i` is the absolute query position (row r of a call with query offset o is at o + r), `j` the
 key position. Arithmetic and logic follow `ir/predicate.py` (`const`, `bin`, `call`, `cmp`, `logic`: Python
@@ -57,6 +60,49 @@ def no_tiles():
     """The empty candidate list."""
     none = torch.zeros(0, dtype=torch.long)
     return none, none
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Key positions that may still be seen: every `j >= start` (None: no such suffix) and the positions in
+    `extra`. `Keep(0)` keeps every key, `Keep(None)` none.
+
+    >>> (Keep(10) | Keep(None, frozenset({0, 12}))) == Keep(10, frozenset({0}))
+    True
+    >>> Keep(10, frozenset({0})) & Keep(4) == Keep(10)
+    True
+    """
+    start: int | None
+    extra: frozenset = frozenset()
+
+    def __post_init__(self):
+        if self.start is not None and any(x >= self.start for x in self.extra):
+            object.__setattr__(self, "extra", frozenset(x for x in self.extra if x < self.start))
+
+    def __or__(self, other: "Keep") -> "Keep":
+        starts = [s for s in (self.start, other.start) if s is not None]
+        return Keep(min(starts) if starts else None, self.extra | other.extra)
+
+    def __and__(self, other: "Keep") -> "Keep":
+        def above(xs, start):
+            return frozenset() if start is None else frozenset(x for x in xs if x >= start)
+        start = None if self.start is None or other.start is None else max(self.start, other.start)
+        return Keep(start, (self.extra & other.extra) | above(self.extra, other.start) | above(other.extra, self.start))
+
+    def holds(self, positions: torch.Tensor) -> torch.Tensor:
+        """bool, like `positions`: which of these key positions are kept."""
+        out = positions >= self.start if self.start is not None else torch.zeros_like(positions, dtype=torch.bool)
+        if self.extra:
+            out = out | torch.isin(positions, torch.tensor(sorted(self.extra), device=positions.device))
+        return out
+
+    def first(self) -> int | None:
+        """The smallest kept position (None: none is kept)."""
+        xs = ([self.start] if self.start is not None else []) + list(self.extra)
+        return min(xs) if xs else None
+
+
+KEEP_ALL = Keep(0)
 
 
 @dataclass(frozen=True)
@@ -143,6 +189,9 @@ class Mask:
 
     def runtime_names(self) -> tuple[str, ...]:
         return ()
+
+    def retained(self, t: int) -> Keep:
+        return KEEP_ALL
 
     @classmethod
     def union_all(cls, nodes: list) -> list:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .band import _tile_span, band, sliding  # noqa: F401  (sliding: the doctest)
-from .base import Builder, Mask, classes, ranges_to_pairs, sure
+from .base import Builder, Keep, Mask, classes, ranges_to_pairs, sure
 
 
 @dataclass(frozen=True, repr=True)
@@ -48,6 +48,10 @@ class Blocks(Mask):
 
     def pairs(self, n):
         return self.size * n
+
+    def retained(self, t: int) -> Keep:
+        """Queries i >= t see only their own block: keys from the start of t's block on."""
+        return Keep(t // self.size * self.size)
 
 
 def blocks(size: int) -> Mask:

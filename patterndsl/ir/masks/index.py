@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Builder, Mask, classes, sure
+from .base import KEEP_ALL, Builder, Keep, Mask, classes, sure
 from .logic import EMPTY, union
 
 
@@ -61,6 +61,12 @@ class _Index(Mask):
 
     def pairs(self, n):
         return len(self.idx) * n
+
+    def retained(self, t: int) -> Keep:
+        """`cols(S)` keeps the keys in S; `rows(S)` every key while a row of S is still to come, then none."""
+        if self.side == "k":
+            return Keep(None, self.idx)
+        return KEEP_ALL if max(self.idx) >= t else Keep(None)
 
     @classmethod
     def union_all(cls, nodes: list) -> list:

@@ -12,7 +12,7 @@ import torch
 
 from .base import EMPTY as _EMPTY_TILE
 from .base import FULL as _FULL_TILE
-from .base import PARTIAL, Mask, classes, no_tiles, sure
+from .base import PARTIAL, Keep, Mask, classes, no_tiles, sure
 
 
 @dataclass(frozen=True, repr=True)
@@ -42,6 +42,9 @@ class Empty(Mask):
     def classify(self, tiles, a, b):
         return sure(_EMPTY_TILE)
 
+    def retained(self, t: int) -> Keep:
+        return Keep(None)
+
     def candidates(self, tiles):
         return no_tiles()
 
@@ -70,6 +73,13 @@ class _Combined(Mask):
         out = self.parts[0].at(i, j, ops)
         for p in self.parts[1:]:
             out = ops.logic(self.word, out, p.at(i, j, ops))
+        return out
+
+    def retained(self, t: int) -> Keep:
+        """A key may be seen by the union if by a part; by the intersection only if by every part."""
+        out = self.parts[0].retained(t)
+        for p in self.parts[1:]:
+            out = (out | p.retained(t)) if self.word == "or" else (out & p.retained(t))
         return out
 
     def classify(self, tiles, a, b):
@@ -125,8 +135,15 @@ class Inter(_Combined):
         return " & ".join(f"({p.label()})" if isinstance(p, Union) else p.label() for p in self.parts)
 
     def candidates(self, tiles):
-        parts = [c for c in (p.candidates(tiles) for p in self.parts) if c is not None]
-        return min(parts, key=lambda c: c[0].numel()) if parts else None
+        """The candidates of the sparsest part that has any, by pair count at this size: only that part's
+        tiles are enumerated (`causal & random(...)` at 1M tokens never lists the causal half)."""
+        import sympy
+        n, size = sympy.Symbol("N", positive=True), max(tiles.grid.n_q, tiles.grid.n_k, 1)
+        for part in sorted(self.parts, key=lambda p: float(p.pairs(n).subs(n, size))):
+            found = part.candidates(tiles)
+            if found is not None:
+                return found
+        return None
 
     def pairs(self, n):  # bounded by its sparsest part
         return min((p.pairs(n) for p in self.parts), key=lambda e: float(e.subs(n, 1 << 20)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..interval import tile_truth
-from ..predicate import Pred, evaluate
+from ..predicate import WHERE_LIMIT, Pred, evaluate, peak_magnitude
 from .base import PARTIAL, Mask, classes
 
 
@@ -24,6 +24,12 @@ class Where(Mask):
     def label(self) -> str:
         text = str(self.pred)
         return f"where({text if len(text) <= 32 else text[:29] + '...'})"
+
+    def problems(self):
+        peak = peak_magnitude(self.pred)
+        if peak >= WHERE_LIMIT:
+            yield (f"where({self.pred}) can reach magnitude 2^{peak.bit_length() - 1} or more for positions "
+                   f"below 2^31, beyond the 64-bit arithmetic every backend evaluates it in")
 
     def at(self, i, j, ops):
         return evaluate(self.pred, i, j, ops)

@@ -1,4 +1,5 @@
-"""transformers bridge: a patterndsl layer that reproduces a `LongformerSelfAttention` with its weights.
+"""A patterndsl layer that reproduces transformers' `LongformerSelfAttention` with its weights, alone or inside a
+`LongformerModel`.
 
 >>> from transformers import LongformerConfig
 >>> from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
@@ -16,27 +17,42 @@ transformers. transformers needs the length to be a multiple of `attention_windo
 masked tokens in `LongformerModel`; this layer takes any length: padded keys are ignored, so its output on
 the real tokens equals transformers' on the padded input. Attention-probability dropout is not reproduced
 (the ops expose no probabilities): compare in eval mode.
+
+Inside a `LongformerModel`, put it in place of each layer's attention
+(`layer.attention.self = longformer_from_hf(layer.attention.self)`): called as the model calls its layers
+(`is_index_masked`, `is_index_global_attn`, ...), it reads the padding and the global tokens from those and
+returns the tuple the model expects.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..errors import PatternError
-from ..nn.longformer import LongformerAttention
+from ...errors import PatternError
+from ...nn.longformer import LongformerAttention
 
 _PAIRS = (("query", "query"), ("key", "key"), ("value", "value"), ("query_global", "query_global"),
           ("key_global", "key_global"), ("value_global", "value_global"))
 
 
 class HFLongformerSelfAttention(nn.Module):
-    """`layer(hidden_states (B, N, E), attention_mask=None, global_attention_mask=None) -> (B, N, E)`."""
+    """`layer(hidden_states (B, N, E), attention_mask=None, global_attention_mask=None) -> (B, N, E)` with
+    transformers' user-level masks; called by a `LongformerModel` (with `is_index_masked` and
+    `is_index_global_attn`, bool `(B, N)`), it returns the tuple `(output,)` as `LongformerSelfAttention` does."""
 
     def __init__(self, attention: LongformerAttention):
         super().__init__()
         self.attention = attention
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, global_attention_mask=None):
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, global_attention_mask=None,
+                is_index_masked=None, is_index_global_attn=None, is_global_attn=None, output_attentions=False):
+        if output_attentions:
+            raise PatternError("patterndsl's Longformer layer cannot return attention probabilities (its ops never "
+                               "form them)", hint="call the model with output_attentions=False")
+        if is_index_masked is not None or is_index_global_attn is not None:     # LongformerModel's convention
+            kpm = _user_mask(is_index_masked, hidden_states, "is_index_masked")
+            glob = _user_mask(is_index_global_attn, hidden_states, "is_index_global_attn")
+            return (self.attention(hidden_states, key_padding_mask=kpm, global_mask=glob),)
         kpm = _user_mask(attention_mask, hidden_states, "attention_mask")
         glob = _user_mask(global_attention_mask, hidden_states, "global_attention_mask")
         return self.attention(hidden_states, key_padding_mask=None if kpm is None else ~kpm, global_mask=glob)
