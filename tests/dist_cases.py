@@ -10,15 +10,16 @@ from patterndsl.distributed import ContextParallel
 from patterndsl.ir import mask as M
 
 
-def _inputs(op, n, B, H, D, seed, padding, dtype=torch.float64):
+def _inputs(op, n, B, H, D, seed, padding, dtype=torch.float64, H_kv=None):
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)   # noqa: E731
-    q, k, v = rnd(B, H, n, D), rnd(B, H, n, D), rnd(B, H, n, D)
+    H_kv = H_kv or H                                                   # grouped-query attention: k, v, c have H_kv
+    q, k, v = rnd(B, H, n, D), rnd(B, H_kv, n, D), rnd(B, H_kv, n, D)
     extra = {}
     for name, length in op.ir.params:
         extra[name] = rnd(H, length, D)
     if "c" in op.input_names():
-        extra["c"] = rnd(B, H, n, D)
+        extra["c"] = rnd(B, H_kv, n, D)
     for name in sorted({x for st in op.ir.stages for x in M.runtime_inputs(st.mask)}):
         starts = torch.rand(B, n, generator=g) < 8 / max(n, 1)            # documents of ~n/8 tokens, packed
         extra[name] = starts.long().cumsum(1)
@@ -36,7 +37,7 @@ def inputs(op, case):
     """(q, k, v, key_padding_mask, other inputs, generator) of a case, the same on every rank."""
     dtype = getattr(torch, case.get("dtype", "float64"))
     return _inputs(op, case["n"], case.get("B", 2), case.get("H", 2), case.get("D", 8), case.get("seed", 0),
-                   case.get("padding", False), dtype)
+                   case.get("padding", False), dtype, case.get("H_kv"))
 
 
 def run_case(rank, world, case):

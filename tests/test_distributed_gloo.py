@@ -24,12 +24,14 @@ P = {"longformer": {"window": 16, "globals": {0, 5}}, "bigbird": {"block": 8},
      "luna": {"length": 4}, "luna_causal": {"length": 4}}
 
 
-def case(pattern, n, sharding="auto", padding=False, dtype="float64", label=None, **params):
+def case(pattern, n, sharding="auto", padding=False, dtype="float64", label=None, heads=None, **params):
+    """heads: (H, H_kv) for grouped-query attention (default 2 heads for q, k and v)."""
     tag = "-".join(f"{k}={v}" for k, v in params.items() if k not in P.get(pattern, {}))
     cid = f"{label or pattern}{'-' + tag if tag else ''}-N{n}-{sharding}{'-pad' if padding else ''}"
-    cid += "" if dtype == "float64" else f"-{dtype}"
+    cid += ("" if dtype == "float64" else f"-{dtype}") + (f"-gqa{heads[0]}x{heads[1]}" if heads else "")
+    shape = dict(H=heads[0], H_kv=heads[1]) if heads else {}
     return dict(id=cid, pattern=pattern, params={**P.get(pattern, {}), **params}, n=n, sharding=sharding,
-                padding=padding, dtype=dtype)
+                padding=padding, dtype=dtype, **shape)
 
 
 LINEAR_PACK = """pattern linear_pack(length: int = 4) {
@@ -56,6 +58,14 @@ FOUR = [case("longformer", 203, padding=True), case("longformer", 203, "zigzag",
         case("longformer", 203, dtype="float32"), case(LINEAR_PACK, 203, padding=True, label="linear_pack"),
         case(DOCS, 203, padding=True, label="document_mask", window=40),
         case(DOCS, 203, "zigzag", label="document_mask", window=400, causal=False)]
+GQA = [case("longformer", 203, padding=True, heads=(4, 2)), case("bigbird", 203, "zigzag", heads=(4, 1)),
+       case("prefix_lm", 203, padding=True, heads=(4, 2)), case("performer", 203, padding=True, heads=(4, 2)),
+       case("performer", 203, padding=True, causal=True, heads=(6, 2)),
+       case("luna", 203, padding=True, heads=(4, 2)), case("luna_causal", 203, "zigzag", padding=True, heads=(4, 2)),
+       case("longformer_performer", 203, padding=True, heads=(4, 2), num_heads=4, local_heads=2),   # whole groups
+       case("longformer_performer", 203, heads=(4, 2), num_heads=4, local_heads=1),   # a group split: repeated
+       case(DOCS, 203, padding=True, label="document_mask", window=40, heads=(4, 2))]
+FOUR += GQA       # grouped-query attention: k, v (and causal Luna's c) with fewer heads than q
 TWO = [case("longformer", 131, "contiguous", padding=True), case("prefix_lm", 131, "zigzag"),
        case("performer", 131, "zigzag", causal=True), case("luna", 131), case("luna_causal", 131, "zigzag")]
 
@@ -78,8 +88,9 @@ def _check(results, world, c):
     op = pd.compile(c["pattern"], **c["params"])
     sharding = per_rank[0]["_sharding"]
     ids = {nm: x for nm, x in dist_cases.inputs(op, c)[4].items() if not x.is_floating_point()}
-    rep = distributed_report(op, c["n"], world, sharding=sharding, batch=2, heads=2, head_dim=8,
-                             dtype=getattr(torch, c["dtype"]), padding=c["padding"], runtime=ids)
+    rep = distributed_report(op, c["n"], world, sharding=sharding, batch=2, heads=c.get("H", 2), head_dim=8,
+                             dtype=getattr(torch, c["dtype"]), padding=c["padding"], runtime=ids,
+                             kv_heads=c.get("H_kv"))
     for r, got in enumerate(per_rank):
         assert got["_bytes"].get("forward", 0) == rep.forward[r], f"{c['id']}: rank {r} forward bytes"
         assert got["_bytes"].get("backward", 0) == rep.backward[r], f"{c['id']}: rank {r} backward bytes"

@@ -19,7 +19,9 @@ import torch
 
 from ..errors import PatternError
 from ..ir import mask as M
-from ..ir.program import INPUT, Linear, Softmax
+from ..ir.program import Linear, Softmax
+from ..op.graph import stage_sources
+from ..op.validate import check_call
 from .balance import choose, stage_kinds
 from .comm import Comm
 from .halo import halo_plan
@@ -85,23 +87,18 @@ class ContextParallel:
     def __call__(self, q, k, v, key_padding_mask=None, **inputs):
         op = self.op
         self._check(q, k, v, key_padding_mask, inputs)
-        op._validate(q, k, v, key_padding_mask, inputs)
-        values = {n: op._param(n, inputs[n], q) for n, _ in op.ir.params}
+        call = check_call(op.ir, q, k, v, key_padding_mask, 0, inputs)     # the op's checks, on this rank's shard
+        values = dict(call.params)
         kinds, ids = stage_kinds(op.ir), self._whole_ids(inputs)
         for st in op.ir.stages:
-            qs = q if st.query == INPUT else values[st.query]
-            ks, vs = (k, v) if st.keys == INPUT else (values[st.keys], values[st.keys])
-            kpm = key_padding_mask if st.keys == INPUT else None
-            if st.heads is not None:
-                a, b = st.heads
-                qs, ks, vs = qs[:, a:b], ks[:, a:b], vs[:, a:b]
-            values[st.name] = self._stage(st, kinds[st.name], qs, ks, vs, kpm, values, inputs, ids)
+            qs, ks, vs, kpm, c, p, _ = stage_sources(st, call, values)    # heads sliced, kv heads of each group
+            values[st.name] = self._stage(st, kinds[st.name], qs, ks, vs, kpm, p, c, ids)
         if op.ir.by_heads:
             return torch.cat([values[o] for o in op.ir.outputs], dim=1)
         outs = tuple(values[o] for o in op.ir.outputs)
         return outs[0] if len(outs) == 1 else outs
 
-    def _stage(self, st, kinds, q, k, v, kpm, values, inputs, ids):
+    def _stage(self, st, kinds, q, k, v, kpm, p, c, ids):
         comm, sh, norm = self.comm, self.sharding, st.normaliser
         if isinstance(norm, Softmax):
             scale = norm.scale if norm.scale is not None else q.shape[-1] ** -0.5
@@ -127,9 +124,6 @@ class ContextParallel:
         if isinstance(norm, Linear):
             w = self.op.projection(st, q.shape[-1], q.device, q.dtype)
             return sharded_linear(comm, sh, norm.feature_map, w, q, k, v, kpm, causal=True)
-        p, c = values[norm.packed], inputs["c"]
-        if st.heads is not None:
-            p, c = p[:, st.heads[0]:st.heads[1]], c[:, st.heads[0]:st.heads[1]]
         return sharded_nested(comm, sh, q, k, v, p, c, kpm)
 
     def _whole_ids(self, inputs) -> dict:

@@ -3,19 +3,22 @@
 The function is the reference's (`backends/reference/linear.py`). Bidirectional: every rank forms its keys'
 `phi(K)^T [V, 1]` (FAVOR+ with the key stabiliser `c`, one max over all ranks' unpadded keys, all-reduced
 first) and the sums are all-reduced; each rank then reads its rows. Causal: each segment of the sequence
-(a rank holds one, or two under zig-zag) summarises its keys as a state `(S, z, sv, cnt, R)`: the decaying
-sums `S = sum_j exp(a_j - R) v_j^T`, `z = sum_j exp(a_j - R)` at the segment's own key max `R`, and the
-non-decaying `sv = sum_j v_j`, `cnt` (unpadded keys). The states are all-gathered; each segment folds those
-before it (rescaling to the larger max: the FAVOR+ running-max rescaling, exact) and runs the chunked scan
-from that state, its running max starting at the prefix's. Gradients flow back through the same
-collectives (`links.py`).
+(a rank holds one, or two under zig-zag) summarises its keys as the torch backend's `ScanState`
+(`backends/torch/linear_scan.py`: decaying sums at the segment's own key max, the plain sums and the count).
+The states are all-gathered; each segment folds those before it (rescaling to the larger max: the FAVOR+
+running-max rescaling, exact) and runs the backend's chunked `causal_scan` from that state. Gradients flow
+back through the same collectives (`links.py`).
+
+Grouped-query attention: k, v have `H_kv` heads; sums and states are per kv head (the G query heads of a
+group read them together, as in the torch backend), so what travels is per kv head.
 """
 from __future__ import annotations
 
 import torch
 
-from ..backends.reference.features import favor_exponent, favor_features
+from ..backends.reference.features import favor_exponent
 from ..backends.reference.linear import key_features, query_features, ratio
+from ..backends.torch.linear_scan import ScanState, absorb, causal_scan, grouped
 from ..ir.program import Favor
 from .links import run
 
@@ -32,7 +35,8 @@ def _prepare(q, k, v, kpm):
 
 
 def sharded_linear(comm, sh, fm, w, q, k, v, kpm, causal: bool) -> torch.Tensor:
-    """This rank's rows of linear attention over the sharded sequence (`fm` the feature map, `w` `[m, D]`)."""
+    """This rank's rows of linear attention over the sharded sequence (`fm` the feature map, `w` `[m, D]`);
+    q `[B, H, n, D]`, k `[B, H_kv, n, D]`, v `[B, H_kv, n, D_v]`."""
     w = None if w is None else w.detach()
     if causal:
         return run(lambda links, q_, k_, v_: _causal(links, sh, fm, w, q_, k_, v_, kpm), comm, q, k, v)
@@ -40,136 +44,83 @@ def sharded_linear(comm, sh, fm, w, q, k, v, kpm, causal: bool) -> torch.Tensor:
 
 
 def _bidirectional(links, fm, w, q, k, v, kpm):
-    dtype = q.dtype
+    dtype, (B, H, n, _) = q.dtype, q.shape
     q, k, v, valid = _prepare(q, k, v, kpm)
-    fq = query_features(q, fm, w)
+    fq = query_features(grouped(q, k), fm, w)                                            # [B, Hk, G, n, m]
     if isinstance(fm, Favor):
         ok = valid[:, None, :, None]
         u, a = favor_exponent(k, w)
         local = u.masked_fill(~ok, NEG_INF).amax((-1, -2)) if u.shape[2] else u.new_full(u.shape[:2], NEG_INF)
-        c = links.reduce(local, "max")                                                  # [B, H]
+        c = links.reduce(local, "max")                                                  # [B, Hk]
         c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
         fk = w.shape[0] ** -0.5 * (torch.exp(a.masked_fill(~ok, NEG_INF) - c[..., None, None]) + fm.eps) * ok
     else:
         fk = key_features(k, fm, w, valid)
     vz = torch.cat([v, valid[:, None, :, None].expand(*v.shape[:3], 1).to(v.dtype)], -1)
-    kvz = links.reduce(torch.matmul(fk.transpose(-1, -2), vz))                           # [B, H, m, Dv + 1]
-    numden = torch.matmul(fq, kvz)
-    return ratio(numden[..., :-1], numden[..., -1]).to(dtype)
+    kvz = links.reduce(torch.matmul(fk.transpose(-1, -2), vz))                           # [B, Hk, m, Dv + 1]
+    numden = torch.matmul(fq, kvz[:, :, None])
+    return ratio(numden[..., :-1], numden[..., -1]).reshape(B, H, n, -1).to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------ causal
-def _terms(q, k, valid, fm, w):
-    """(fq, u_max per key `[B, H, n]` (-inf on padding), a `[B, H, n, m]` (key exponents, or the plain
-    features with u_max 0), eps part e)."""
-    if not isinstance(fm, Favor):
-        kf = key_features(k, fm, w, valid)
-        return query_features(q, fm, w), torch.zeros(kf.shape[:3], dtype=kf.dtype, device=kf.device), kf, 0.0
-    m = w.shape[0]
-    u, a = favor_exponent(k, w)
-    umax = u.amax(-1).masked_fill(~valid[:, None, :], NEG_INF)
-    return favor_features(q, w, True, fm.eps), umax, a, m ** -0.5 * fm.eps
+def _pack(st: ScanState) -> torch.Tensor:
+    """A state as one tensor `[B, Hk, m * Dv + m + Dv + 2]`: S, z, sv, cnt, r_ref."""
+    B, Hk = st.S.shape[:2]
+    cnt = st.cnt.reshape(B, 1, 1).expand(B, Hk, 1)
+    return torch.cat([st.S.flatten(-2)[:, :, 0], st.z[:, :, 0], st.sv[:, :, 0], cnt, st.r_ref[:, :, 0]], -1)
 
 
-def _summary(a, v, umax, valid, favor: bool, m: int):
-    """The state of a segment's keys, packed `[B, H, m * Dv + m + Dv + 2]`: S, z, sv, cnt, R."""
-    B, H = a.shape[:2]
-    if favor:
-        R = umax.amax(-1) if umax.shape[-1] else torch.full((B, H), NEG_INF, dtype=a.dtype, device=a.device)
-        safe = torch.where(torch.isfinite(R), R, torch.zeros_like(R))
-        e = m ** -0.5 * torch.exp(a - safe[..., None, None]) * valid[:, None, :, None]
-    else:
-        R, e = torch.zeros(B, H, dtype=a.dtype, device=a.device), a
-    wv = valid[:, None, :, None].to(v.dtype)
-    S = torch.matmul(e.transpose(-1, -2), v)
-    cnt = wv.sum((-1, -2)).expand(B, H)
-    return torch.cat([S.flatten(-2), e.sum(-2), (v * wv).sum(-2), cnt[..., None], R[..., None]], -1)
+def _unpack(x: torch.Tensor, m: int, dv: int) -> ScanState:
+    B, Hk = x.shape[:2]
+    S = x[..., :m * dv].reshape(B, Hk, 1, m, dv)
+    z, rest = x[..., m * dv:m * dv + m].reshape(B, Hk, 1, m), x[..., m * dv + m:]
+    return ScanState(S, z, rest[..., :dv].reshape(B, Hk, 1, dv), rest[:, :1, dv].reshape(B, 1, 1, 1),
+                     rest[..., dv + 1:].reshape(B, Hk, 1, 1))
 
 
-def _unpack(state, m: int, dv: int):
-    S = state[..., :m * dv].unflatten(-1, (m, dv))
-    z, rest = state[..., m * dv:m * dv + m], state[..., m * dv + m:]
-    return S, z, rest[..., :dv], rest[..., dv], rest[..., dv + 1]
-
-
-def _fold(states, m: int, dv: int):
-    """The state of consecutive segments' keys from theirs, in order (`[P, B, H, F]`); P = 0: no key."""
-    if states.shape[0] == 0:
+def _fold(states: list[torch.Tensor], m: int, dv: int) -> ScanState | None:
+    """The state of consecutive segments' keys from theirs (packed, in order); None: no key before."""
+    if not states:
         return None
-    acc = states[0]
+    acc = _unpack(states[0], m, dv)
     for nxt in states[1:]:
-        S1, z1, sv1, c1, R1 = _unpack(acc, m, dv)
-        S2, z2, sv2, c2, R2 = _unpack(nxt, m, dv)
-        R = torch.maximum(R1, R2)
+        b = _unpack(nxt, m, dv)
+        R = torch.maximum(acc.r_ref, b.r_ref)
         f1, f2 = (torch.where(torch.isfinite(x), torch.exp(x - torch.where(torch.isfinite(R), R, 0.0)), 0.0)
-                  for x in (R1, R2))
-        acc = torch.cat([(S1 * f1[..., None, None] + S2 * f2[..., None, None]).flatten(-2),
-                         z1 * f1[..., None] + z2 * f2[..., None], sv1 + sv2, (c1 + c2)[..., None], R[..., None]], -1)
+                  for x in (acc.r_ref, b.r_ref))
+        acc = ScanState(acc.S * f1[..., None] + b.S * f2[..., None], acc.z * f1 + b.z * f2, acc.sv + b.sv,
+                        acc.cnt + b.cnt, R)
     return acc
 
 
+def _state(k, v, valid, fm, w) -> torch.Tensor:
+    """The packed state of one segment's keys (k `[B, Hk, 1, n, D]`); a segment without an unpadded key has
+    stabiliser -inf, so folding it leaves the states around it as they are."""
+    B, Hk, _, n, D = k.shape
+    m = D if w is None else w.shape[0]
+    st = absorb(None, k, v, valid, fm, w) if n else ScanState.empty(B, Hk, m, v.shape[-1], v)
+    none = (st.cnt == 0).expand_as(st.r_ref)
+    return _pack(ScanState(st.S, st.z, st.sv, st.cnt, st.r_ref.masked_fill(none, NEG_INF)))
+
+
 def _causal(links, sh, fm, w, q, k, v, kpm):
-    dtype = q.dtype
+    dtype, (B, H, n, _), dv = q.dtype, q.shape, v.shape[-1]
     q, k, v, valid = _prepare(q, k, v, kpm)
-    fq, umax, a, e = _terms(q, k, valid, fm, w)
-    favor, m, dv = isinstance(fm, Favor), a.shape[-1], v.shape[-1]
+    qg, kg, vg = grouped(q, k), k[:, :, None], v[:, :, None]
     rank, segs, offs = links.comm.rank, sh.segments, [sh.offsets(r) for r in range(sh.world_size)]
     most = max(len(s) for s in segs)
-    mine = [_summary(a[:, :, o:o + b - s], v[:, :, o:o + b - s], umax[:, :, o:o + b - s],
-                     valid[:, o:o + b - s], favor, m) for (s, b), o in zip(segs[rank], offs[rank])]
-    mine += [torch.zeros_like(mine[0])] * (most - len(mine))
-    every = links.gather(torch.stack(mine))                                # [W, most, B, H, F]
+    mine = [_state(kg[..., o:o + b - s, :], vg[..., o:o + b - s, :], valid[:, o:o + b - s], fm, w)
+            for (s, b), o in zip(segs[rank], offs[rank])]
+    mine += [_state(kg[..., :0, :], vg[..., :0, :], valid[:, :0], fm, w)] * (most - len(mine))
+    every = links.gather(torch.stack(mine))                                # [W, most, B, Hk, F]
+    m = (every.shape[-1] - dv - 2) // (dv + 1)
     starts = sorted((s, r, x) for r in range(sh.world_size) for x, (s, b) in enumerate(segs[r]) if b > s)
     outs = []
     for (s, b), o in zip(segs[rank], offs[rank]):
-        before = [every[r, x] for st, r, x in starts if st < s]
-        prefix = _fold(torch.stack(before), m, dv) if before else None
-        t = slice(o, o + b - s)
-        outs.append(_scan(fq[:, :, t], a[:, :, t], v[:, :, t], umax[:, :, t], valid[:, t], prefix, e, favor, m))
-    return torch.cat(outs, 2).to(dtype)
-
-
-def _running_max(umax, R0):
-    """Running max of the keys seen (the prefix's R0 included); before any key, the first later value."""
-    if umax.shape[-1] == 0:
-        return umax
-    r = torch.maximum(umax.cummax(-1).values, R0[..., None])
-    seen = torch.isfinite(r)
-    first = torch.where(seen, r, torch.full_like(r, float("inf"))).amin(-1, keepdim=True)
-    first = torch.where(torch.isfinite(first), first, torch.zeros_like(first))
-    return torch.where(seen, r, first)
-
-
-def _scan(fq, a, v, umax, valid, prefix, e, favor: bool, m: int):
-    """Rows of one segment from the prefix state, by chunks of CHUNK keys (as `backends/torch/linear_scan.py`)."""
-    B, H, n, _ = a.shape
-    dv = v.shape[-1]
-    if prefix is None:
-        S, z, sv = v.new_zeros(B, H, m, dv), v.new_zeros(B, H, m), v.new_zeros(B, H, dv)
-        cnt, R0 = v.new_zeros(B, H), torch.full((B, H), NEG_INF, dtype=v.dtype, device=v.device)
-    else:
-        S, z, sv, cnt, R0 = _unpack(prefix, m, dv)
-    r = _running_max(umax, R0) if favor else torch.zeros_like(umax)
-    kf = m ** -0.5 * torch.exp((a - r[..., None]).masked_fill(~valid[:, None, :, None], NEG_INF)) if favor else a
-    r_ref = R0[..., None] if favor else r[..., :1]
-    wv = valid[:, None, :, None].to(v.dtype)
-    qsum, outs = fq.sum(-1), []
-    for s0 in range(0, n, CHUNK):
-        t = slice(s0, min(s0 + CHUNK, n))
-        qc, kc, vc, rc, wc = fq[:, :, t], kf[:, :, t], v[:, :, t], r[:, :, t], wv[:, :, t]
-        tri = torch.ones(qc.shape[2], qc.shape[2], dtype=torch.bool, device=v.device).tril()
-        decay = torch.exp((rc[..., None, :] - rc[..., :, None]).masked_fill(~tri, NEG_INF))
-        g = torch.matmul(qc, kc.transpose(-1, -2)) * decay + e * qsum[:, :, t, None] * (wc[..., 0][:, :, None, :] * tri)
-        back = torch.where(torch.isfinite(r_ref), torch.exp(r_ref - rc), torch.zeros_like(rc))[..., None]
-        num = torch.matmul(g, vc) + back * torch.matmul(qc, S) + e * qsum[:, :, t, None] * sv[:, :, None]
-        den = (g.sum(-1) + back[..., 0] * torch.matmul(qc, z[..., None])[..., 0]
-               + e * qsum[:, :, t] * cnt[:, :, None])
-        outs.append(ratio(num, den))
-        r_new = rc[..., -1:]
-        grow = torch.where(torch.isfinite(r_ref), torch.exp(r_ref - r_new), torch.zeros_like(r_new))
-        ks = kc * torch.exp(rc - r_new)[..., None]
-        S = grow[..., None] * S + torch.matmul(ks.transpose(-1, -2), vc)
-        z = grow * z + ks.sum(-2)
-        sv, cnt = sv + (vc * wc).sum(-2), cnt + wc[..., 0].sum(-1)
-        r_ref = r_new
-    return torch.cat(outs, 2) if outs else v.new_zeros(B, H, 0, dv)
+        if b > s:
+            prefix = _fold([every[r, x] for st, r, x in starts if st < s], m, dv)
+            t = slice(o, o + b - s)
+            outs.append(causal_scan(qg[..., t, :], kg[..., t, :], vg[..., t, :], valid[:, t], fm, w, CHUNK,
+                                    prefix)[0])
+    out = torch.cat(outs, -2) if outs else v.new_zeros(*qg.shape[:3], 0, dv)
+    return out.reshape(B, H, n, dv).to(dtype)

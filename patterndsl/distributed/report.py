@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ir import mask as M
-from ..ir.program import Favor, Linear, Nested, Softmax
+from ..ir.program import INPUT, Favor, Linear, Nested, Softmax
 from .balance import _share, choose, position_costs, rank_work, stage_kinds
 from .halo import halo_plan
 
@@ -83,12 +83,14 @@ class _Bytes:
 
 def distributed_report(op, seq_len: int, world_size: int, sharding="auto", batch: int = 1, heads: int | None = None,
                        head_dim: int = 64, dtype=torch.float32, padding: bool = False,
-                       runtime: dict | None = None) -> Report:
+                       runtime: dict | None = None, kv_heads: int | None = None) -> Report:
     """The `Report` of running `op` at `seq_len` over `world_size` ranks (no process group needed). `runtime`
     gives the ids of `same(...)` masks (name -> `[B, N]`); without them such masks are planned as if every
-    pair might be allowed (an upper bound)."""
+    pair might be allowed (an upper bound). `kv_heads`: k and v's heads (grouped-query attention; default
+    `heads`)."""
     sh = choose(op, seq_len, world_size, sharding)
     heads = heads or op.ir.num_heads or 1
+    kv_heads = kv_heads or heads
     e = torch.empty(0, dtype=dtype).element_size()
     work_e = 4 if dtype in (torch.float16, torch.bfloat16) else e     # linear stages compute in float32 or 64
     lse_e = 8 if dtype == torch.float64 else 4
@@ -99,7 +101,7 @@ def distributed_report(op, seq_len: int, world_size: int, sharding="auto", batch
         b.gather("fwd", batch * max(sh.sizes), 8)
     for st in op.ir.stages:
         hs = heads if st.heads is None else st.heads[1] - st.heads[0]
-        bh, D = batch * hs, head_dim
+        bh, bhk, D = batch * hs, batch * _kv_heads(st, hs, heads // kv_heads), head_dim
         params = dict(op.ir.params)
         norm = st.normaliser
         if isinstance(norm, Softmax) and kinds[st.name] == (True, True):
@@ -109,8 +111,8 @@ def distributed_report(op, seq_len: int, world_size: int, sharding="auto", batch
                 sent, got = plan.keys_sent(r), plan.keys_received(r)
                 keys_in[r] += int(_share(st, op.ir) * got)
                 keys_out[r] += int(_share(st, op.ir) * sent)
-                b.fwd[r] += sent * bh * 2 * D * e + (sent * batch if padding else 0)
-                b.bwd[r] += got * bh * 2 * D * e
+                b.fwd[r] += sent * bhk * 2 * D * e + (sent * batch if padding else 0)
+                b.bwd[r] += got * bhk * 2 * D * e
             g = len(plan.rows)
             b.reduce("fwd", bh * g * D, e)
             b.gather("fwd", bh * g * (D + 1), lse_e)
@@ -121,15 +123,27 @@ def distributed_report(op, seq_len: int, world_size: int, sharding="auto", batch
             b.gather("fwd", bh * length * (D + 1), lse_e)
             b.reduce("bwd", bh * length * D, lse_e)
         elif isinstance(norm, Linear) and kinds[st.name][1]:
-            _linear_bytes(b, norm.feature_map, st.causal, bh, D, work_e, sh)
+            _linear_bytes(b, norm.feature_map, st.causal, bhk, D, work_e, sh)
         elif isinstance(norm, Nested):
             _state_bytes(b, bh * (2 * D * params[norm.packed] + 1), work_e, sh)
     n = sh.sizes
-    ring = [(seq_len - n[(r + 1) % world_size]) * batch * heads * 2 * head_dim * e if world_size > 1 else 0
+    ring = [(seq_len - n[(r + 1) % world_size]) * batch * kv_heads * 2 * head_dim * e if world_size > 1 else 0
             for r in range(world_size)]
-    shape = f"B = {batch}, H = {heads}, D = {head_dim}, {str(dtype).replace('torch.', '')}"
+    grouped = f", H_kv = {kv_heads}" if kv_heads != heads else ""
+    shape = f"B = {batch}, H = {heads}{grouped}, D = {head_dim}, {str(dtype).replace('torch.', '')}"
     return Report(op.name, sh, shape, n, tuple(rank_work(position_costs(op, seq_len), sh)), tuple(keys_in),
                   tuple(keys_out), tuple(b.fwd), tuple(b.bwd), tuple(ring), tuple(2 * x for x in ring))
+
+
+def _kv_heads(st, hs: int, groups: int) -> int:
+    """The kv heads a stage's keys have (as `op/graph.stage_kv` slices them): a group's when its heads are
+    whole groups, else one per query head; keys from a stage or a param have one per query head."""
+    if st.keys != INPUT:
+        return hs
+    if st.heads is None:
+        return hs // groups
+    a, b = st.heads
+    return (b - a) // groups if a % groups == 0 and b % groups == 0 else b - a
 
 
 def _linear_bytes(b: _Bytes, fm, causal: bool, bh: int, D: int, e: int, sh) -> None:
