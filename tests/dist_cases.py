@@ -1,5 +1,6 @@
 """Cases for the gloo tests of patterndsl.distributed: each rank runs the op sharded and the single-process op
-whole, on the same fresh random inputs (float64), and reports the largest differences per tensor."""
+whole (on the reference backend for cases marked `reference`), on the same fresh random inputs (float64), and reports the largest
+differences per tensor."""
 from __future__ import annotations
 
 import torch
@@ -44,6 +45,7 @@ def run_case(rank, world, case):
     name, params, n = case["pattern"], case.get("params", {}), case["n"]
     sharding = case.get("sharding", "auto")
     op = pd.compile(name, **params)
+    ref = pd.compile(name, backend="reference", **params) if case.get("reference") else op   # dense, naive
     dtype = getattr(torch, case.get("dtype", "float64"))
     q, k, v, kpm, extra, g = inputs(op, case)
     ids = {x for st in op.ir.stages for x in M.runtime_inputs(st.mask)}
@@ -52,7 +54,7 @@ def run_case(rank, world, case):
     floats = [nm for nm, x in full.items() if x.is_floating_point()]
     for nm in floats:
         full[nm].requires_grad_()
-    outs = _flat(op(full.pop("q"), full.pop("k"), full.pop("v"), key_padding_mask=kpm, **full))
+    outs = _flat(ref(full.pop("q"), full.pop("k"), full.pop("v"), key_padding_mask=kpm, **full))
     full = {"q": q, "k": k, "v": v, **extra}
     gouts = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype) for o in outs]
     grads = torch.autograd.grad(sum((o * go).sum() for o, go in zip(outs, gouts)), [full[nm] for nm in floats],

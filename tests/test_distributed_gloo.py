@@ -65,7 +65,7 @@ GQA = [case("longformer", 203, padding=True, heads=(4, 2)), case("bigbird", 203,
        case("longformer_performer", 203, padding=True, heads=(4, 2), num_heads=4, local_heads=2),   # whole groups
        case("longformer_performer", 203, heads=(4, 2), num_heads=4, local_heads=1),   # a group split: repeated
        case(DOCS, 203, padding=True, label="document_mask", window=40, heads=(4, 2))]
-FOUR += GQA       # grouped-query attention: k, v (and causal Luna's c) with fewer heads than q
+FOUR += [dict(c, reference=True) for c in GQA]   # grouped-query attention vs the reference backend in one process
 TWO = [case("longformer", 131, "contiguous", padding=True), case("prefix_lm", 131, "zigzag"),
        case("performer", 131, "zigzag", causal=True), case("luna", 131), case("luna_causal", 131, "zigzag")]
 
