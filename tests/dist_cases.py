@@ -1,6 +1,6 @@
 """Cases for the gloo tests of patterndsl.distributed: each rank runs the op sharded and the single-process op
-whole (on the reference backend for cases marked `reference`), on the same fresh random inputs (float64), and reports the largest
-differences per tensor."""
+whole (on the reference backend for cases marked `reference`), on the same fresh random inputs (float64), and
+reports the largest differences per tensor."""
 from __future__ import annotations
 
 import torch
