@@ -3,7 +3,7 @@
 >>> import patterndsl as pd
 >>> op = pd.compile("longformer", window=4)
 >>> op.mask(6).sum().item()
-28
+30
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@
 >>> err = PatternError("unknown mask 'slidng'", Span(2, 23, 2, 29), src, hint="did you mean 'sliding'?")
 >>> print(err)
 p.attn:2:23: error: unknown mask 'slidng'
-  attend softmax over slidng(4)
-                      ^^^^^^
+    attend softmax over slidng(4)
+                        ^^^^^^
 hint: did you mean 'sliding'?
 """
 from __future__ import annotations

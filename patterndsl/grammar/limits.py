@@ -9,6 +9,7 @@ docs/language.md §7 ("Limits") states them for users; this module is where they
 - `WHERE_LIMIT`: inside `where(...)`, no intermediate value may reach 2^63 for any such positions, so the
   64-bit integer arithmetic of every backend is exact; `where` takes integers where it computes and
   conditions where it combines (a bool is not an integer).
+- `FEATURE_LIMIT`: a feature map draws at most 2^16 random features.
 - Floats are finite 64-bit numbers: a literal that overflows (`1e999`) or underflows to 0 (`1e-999`) is an
   error, and so is a non-finite value given at compile time.
 
@@ -29,6 +30,7 @@ from . import ast
 
 MAX_DEPTH = 200           # levels an expression may nest (see nesting.py for what a level is)
 INT_LIMIT = 1 << 40
+FEATURE_LIMIT = 1 << 16   # random features of a favor(...) or relu(...) feature map
 _LIMITS_DOC = "see 'Limits' in docs/language.md"
 
 

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 from ..errors import PatternError, Span
 from ..grammar import ast
+from ..grammar.limits import FEATURE_LIMIT, INT_LIMIT as _LIMIT
 from ..grammar.signatures import CONSTANTS, SIGNATURES
 from . import mask as M
 from . import predicate as P
 from .program import Elu1, Favor, Linear, Nested, ReluFeatures, Softmax
 
-_LIMIT = 1 << 40      # magnitude bound on integers that reach masks (keeps index arithmetic in int64)
 _SET_LIMIT = 1 << 24  # most elements a set may hold
 
 
@@ -274,8 +274,16 @@ def _range(v, s):
     return frozenset(range(a, b))
 
 
+def _features(v, s) -> int:
+    n = _at_least(v, s, "features", 1)
+    if n > FEATURE_LIMIT:
+        raise _err(f"features = {n} is too many (at most {FEATURE_LIMIT})", s["features"],
+                   hint="the projection holds features x head-dim numbers per head; FAVOR+ uses a few hundred")
+    return n
+
+
 def _favor(v, s):
-    _at_least(v, s, "features", 1)
+    _features(v, s)
     if v["scaling"] not in (0, 1):
         raise _err(f"scaling must be 0 (chi norms) or 1 (sqrt(d)), got {v['scaling']}", s["scaling"])
     if not v["eps"] > 0:
@@ -290,7 +298,7 @@ _BUILD = {
     "min": lambda v, s: min(v["a"], v["b"]),
     "max": lambda v, s: max(v["a"], v["b"]),
     "favor": _favor,
-    "relu": lambda v, s: ReluFeatures(_at_least(v, s, "features", 1), v["orthogonal"],
+    "relu": lambda v, s: ReluFeatures(_features(v, s), v["orthogonal"],
                                       _at_least(v, s, "seed", 0), _at_least(v, s, "redraw", 0)),
     "elu1": lambda v, s: Elu1(),
     "softmax": lambda v, s: Softmax(),

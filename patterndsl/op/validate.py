@@ -23,7 +23,7 @@ import torch
 from ..errors import PatternError
 from ..inputs import check_key_padding_mask, shape_text
 from ..ir import mask as M
-from ..ir.program import INPUT, Nested, ProgramIR
+from ..ir.program import INPUT, Nested, ProgramIR, Softmax
 
 NESTED_KEYS = "c"          # the runtime input of causal Luna: pack keys pc(x), like k
 MAX_POSITION = 1 << 31     # positions stay below 2^31 (docs/language.md §7: the front end's intervals assume it)
@@ -70,6 +70,7 @@ def input_hint(ir: ProgramIR, name: str) -> str:
 def check_call(ir: ProgramIR, q, k, v, key_padding_mask, q_offset, inputs: dict) -> Call:
     """Every check of `op(q, k, v, key_padding_mask, q_offset, **inputs)`, in the order a reader expects."""
     check_tensors(q, k, v)
+    check_scales(ir, q.dtype)
     check_heads(ir, q, k)
     check_head_dims(ir, q, v)
     B, n_q, n_k = q.shape[0], q.shape[2], k.shape[2]
@@ -82,7 +83,34 @@ def check_call(ir: ProgramIR, q, k, v, key_padding_mask, q_offset, inputs: dict)
     c = inputs.get(NESTED_KEYS)
     if NESTED_KEYS in input_names(ir):
         check_pack_keys(c, q, k)
+    k, v, c = silence_padding(key_padding_mask, k, v, c)
     return Call(q, k, v, key_padding_mask, offset, runtime, params, c)
+
+
+def silence_padding(key_padding_mask, *keyed):
+    """Key-side tensors `[B, H_kv, N_k, ...]` with padded positions set to 0 (None passes through).
+
+    Padding is a promise about dependence: no output may depend on a padded key. Every backend already leaves
+    padded keys out of its sums, but a non-finite value there would still reach outputs through `0 * nan` in a
+    matmul or a feature map's running max; zeroing them here keeps the promise for every backend at once, and
+    their gradients are exactly 0."""
+    if key_padding_mask is None:
+        return keyed
+    pad = key_padding_mask[:, None, :, None]
+    return tuple(None if t is None else t.masked_fill(pad, 0) for t in keyed)
+
+
+def check_scales(ir: ProgramIR, dtype: torch.dtype) -> None:
+    """A softmax `scale` must survive the cast to the compute dtype: one that becomes inf gives NaN, and one that
+    becomes 0 silently gives uniform weights."""
+    info = torch.finfo(dtype)
+    for st in ir.stages:
+        scale = st.normaliser.scale if isinstance(st.normaliser, Softmax) else None
+        if scale is not None and (abs(scale) > info.max or 0 < abs(scale) < info.tiny):
+            raise PatternError(f"stage '{st.name}': scale = {scale!r} is not representable in {dtype} (it would "
+                               f"become {'inf' if abs(scale) > info.max else '0'})",
+                               hint=f"{dtype} holds magnitudes from {info.tiny:.3g} to {info.max:.3g}; "
+                                    "use a scale in that range or call with float64 tensors")
 
 
 def check_tensors(q, k, v) -> None:

@@ -17,7 +17,7 @@ The generated statements hold only numbers and operators derived from the checke
 stages, `same` inputs) appear only in comments and docstrings, reduced to safe characters.
 
 >>> from patterndsl.ir.mask import sliding
->>> print("\n".join(mask_source(sliding(2)).splitlines()[4:7]))
+>>> print("\\n".join(mask_source(sliding(2)).splitlines()[4:7]))
     qo = tl.load(AUX)
     ia = i + qo
     return (((ia - j) >= (-2)) & ((ia - j) <= 2))

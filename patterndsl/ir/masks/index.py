@@ -6,8 +6,8 @@ rows (or columns). Kernels read a set as one 0/1 flag per query (or key) through
 
 >>> global_({0}) == Rows(frozenset({0})) | Cols(frozenset({0}))
 True
->>> (rows(range(4, 9)) | cols({2})).label()
-'rows(range(4, 9)) | cols({2})'
+>>> (rows(range(4, 9)) | cols({2})).label()  # unions list their parts in a canonical order
+'cols({2}) | rows(range(4, 9))'
 """
 from __future__ import annotations
 
