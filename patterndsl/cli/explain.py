@@ -26,6 +26,8 @@ def add_parser(subparsers):
                    help="heads (default: 4, or the pattern's own)")
     p.add_argument("--backward", action="store_true", help="plan for forward and backward (training)")
     options.add_device(p)
+    p.add_argument("--world-size", type=options.positive, default=None, metavar="W",
+                   help="also plan context parallelism over W ranks: per-rank work and bytes against ring attention")
     p.set_defaults(run=run)
     return p
 
@@ -40,4 +42,8 @@ def run(args) -> int:
     except ImportError as e:
         raise PatternError(f"the planner is not available: {e}") from None
     print(str(plan))
+    if args.world_size:                    # patterndsl.distributed's report (docs/distributed.md)
+        from ..distributed.report import distributed_report
+        print("\n" + str(distributed_report(op, args.seq_len, args.world_size, head_dim=args.head_dim,
+                                             dtype=options.dtype(args))))
     return 0
