@@ -14,7 +14,7 @@ from __future__ import annotations
 import sympy
 
 from ..ir import mask as M
-from ..ir.program import Linear, Softmax, Stage
+from ..ir.program import Elu1, Linear, Softmax, Stage
 
 N = sympy.Symbol("N", positive=True)
 
@@ -50,7 +50,8 @@ def stage_costs(st: Stage, head_dim: int, elt_bytes: int, n_q: sympy.Expr = N, n
     elif isinstance(st.normaliser, Linear):
         m = getattr(st.normaliser.feature_map, "features", d)
         p = N ** 2 / 2 if st.causal else N ** 2
-        flops = 2 * N * m * d * 2 + 4 * N * m * d  # features of q and k, then phi(K)^T V and phi(Q) (...)
+        project = 0 if isinstance(st.normaliser.feature_map, Elu1) else 2 * N * m * d * 2  # elu1: elementwise
+        flops = project + 4 * N * m * d  # features of q and k (x W^T), then phi(K)^T V and phi(Q) (...)
         memory = 2 * N * m * 4 + m * d * 4
     else:
         p = N * length
