@@ -1,23 +1,23 @@
-"""CPU benchmark: patterndsl's torch backend against compiled FlexAttention, dense SDPA and the original
-implementations, with peak memory, written to BENCHMARKS.md.
+"""CPU benchmark of the planner's choices (issue 11's targets), written to BENCHMARKS.md.
 
-    python benchmarks/cpu.py                      # every case (about 20 minutes on 2 cores)
-    python benchmarks/cpu.py --cases longformer --sizes 1024 4096 --no-write
+    python benchmarks/cpu.py                                  # everything (about 20 minutes on 2 cores)
+    python benchmarks/cpu.py --patterns longformer --sizes 1024 4096 --no-write
 
-Every measurement runs in a fresh subprocess. Time is the median of repeated calls after one warm-up call
-(Flex compiles there). Memory is the working memory of one more call: the peak resident set during it
-(sampled every 0.5 ms by a thread, kept away from the timed calls, which it would disturb) less what the
-process held just before it, inputs and compiled code included, after freed memory was handed back to the
-OS (`malloc_trim`). Flex's compile and block-mask build are
-reported separately, in time. Outputs are checked against each other before anything is timed.
-Shapes follow the issue: fp32, B = 1, H = 4, D = 64.
+Every cell runs in a fresh subprocess that builds each method, checks their outputs agree, warms each up once
+(Flex compiles there), then times them interleaved (one call of each in turn, `repeat` rounds), so a busy
+machine slows them alike: ratios are the numbers to read. Shapes: fp32, B = 1, H = 4, D = 64.
+
+- softmax built-ins at N = 256 .. 16k: `auto` forward against SDPA with the bool mask and compiled Flex
+  (its BlockMask from the closed-form layout, as patterndsl builds it; compile time reported apart), and
+  forward+backward against SDPA (Flex has no CPU backward);
+- causal Performer (m = 256) forward+backward against dense causal SDPA; causal Luna forward against it;
+- `patterndsl demo` at its default size; the plan of a 1M-token Longformer; a first call against a warm one.
+The cost constants are calibrated once at the start (`patterndsl calibrate`), as a user's first call would.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
-import gc
 import json
 import os
 import platform
@@ -25,337 +25,275 @@ import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
-from patterndsl.backends.torch.softmax import BLOCK
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))                  # this checkout's patterndsl, not an installed one
 B, H, D = 1, 4, 64
-WINDOW = 512                    # Longformer attention_window (one-sided 256), global token 0
-DENSE_MAX = 16384               # dense SDPA with an N x N bool mask: 1 GiB of mask and 4 GiB of scores at 16k
-FLEX_MAX = 16384                # create_block_mask evaluates N^2 pairs: 5.5 s and ~5 GB at 16k
-HF_MAX = 16384
+PATTERNS = ("longformer", "bigbird", "sliding_window", "sparse_transformer", "dilated_window", "prefix_lm")
+SIZES = (256, 1024, 4096, 16384)
 
 
-# ------------------------------------------------------------------------------------------------- methods
+# ----------------------------------------------------------------------------------------------- methods
 def _inputs(n, grad, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(B, H, n, D, generator=g).requires_grad_(grad) for _ in range(3)]
 
 
-def _longformer(method, n, grad):
-    """(setup seconds, fn) for the Longformer case; fn runs one forward (and backward if grad)."""
+def _softmax_methods(pattern, n, grad):
+    """{name: fn} for one softmax cell, and the compile seconds of Flex (None when not run)."""
     import patterndsl as pd
-    op = pd.compile("longformer", window=WINDOW, globals={0}, backend="torch")
+    from patterndsl.backends.torch.flex import block_mask
+    op = pd.compile(pattern)
     q, k, v = _inputs(n, grad)
-    t0 = time.perf_counter()
-    if method == "patterndsl":
-        from patterndsl.backends.torch.schedule import make_schedule
-        make_schedule(op.ir.stages[0].mask, n, n, *BLOCK, B * H)          # the op's cached schedule: setup
-        fn = lambda: op(q, k, v)                                            # noqa: E731
-    elif method == "sdpa":
-        mask = op.mask(n)
-        fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
-    elif method == "flex":
+    mask = op.mask(n)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    methods = {"auto": lambda: op(q, k, v), "sdpa": lambda: sdpa(q, k, v, attn_mask=mask)}
+    compile_s = None
+    if not grad:
         from torch.nn.attention.flex_attention import flex_attention
-        from patterndsl.export import flex_block_mask
-        bm = flex_block_mask(op, None, None, n)
-        flex = torch.compile(flex_attention)
-        fn = lambda: flex(q, k, v, block_mask=bm)                           # noqa: E731
-    elif method == "hf":
-        return _hf_longformer(n, grad)
-    else:
-        raise ValueError(method)
-    return time.perf_counter() - t0, fn
+        bm = block_mask(op.ir.stages[0].mask, n, n, q.device)
+        flex = torch.compile(flex_attention, dynamic=False)
+        t0 = time.perf_counter()
+        flex(q, k, v, block_mask=bm)
+        compile_s = time.perf_counter() - t0
+        methods["flex"] = lambda: flex(q, k, v, block_mask=bm)
+    return op, methods, compile_s
 
 
-def _hf_longformer(n, grad):
-    """transformers' LongformerSelfAttention on (B, N, H*D) hidden states (its q/k/v projections included)."""
-    import transformers
-    from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
-    cfg = transformers.LongformerConfig(hidden_size=H * D, num_attention_heads=H, attention_window=[WINDOW])
-    mod = LongformerSelfAttention(cfg, layer_id=0).eval()
-    x = torch.randn(B, n, H * D).requires_grad_(grad)
-    ext = torch.zeros(B, n)
-    ext[:, 0] = 10000.0                                                    # token 0 is global
-    kw = dict(attention_mask=ext, is_index_masked=ext < 0, is_index_global_attn=ext > 0, is_global_attn=True)
-    return 0.0, lambda: mod(x, **kw)[0]
-
-
-def _performer(method, n, grad, causal):
-    import patterndsl as pd
-    m = 256
-    q, k, v = _inputs(n, grad)
-    op = pd.compile("performer", features=m, causal=causal, backend="torch")
-    w = op.projection(op.ir.stages[0], D, "cpu", torch.float32)
-    if method == "patterndsl":
-        return 0.0, lambda: op(q, k, v)
-    if method == "performer-pytorch":
-        from performer_pytorch import FastAttention
-        fa = FastAttention(D, nb_features=m, causal=causal)
-        fa.projection_matrix.copy_(w)
-        return 0.0, lambda: fa(q, k, v)
-    if method == "sdpa":
-        return 0.0, lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    raise ValueError(method)
-
-
-def _luna(method, n, grad, length):
+def _linear_methods(case, n, grad):
     import patterndsl as pd
     q, k, v = _inputs(n, grad)
-    p = torch.randn(length, D, generator=torch.Generator().manual_seed(1)).requires_grad_(grad)
-    if method == "patterndsl":
-        op = pd.compile("luna", length=length, backend="torch")
-        return 0.0, lambda: op(q, k, v, p=p)
-    if method == "sdpa-pack-unpack":            # the same two attentions as two dense SDPA calls
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-
-        def two():
-            packed = sdpa(p.expand(B, H, length, D), k, v)
-            return sdpa(q, packed, packed), packed
-        return 0.0, two
-    if method == "sdpa-full":                   # what Luna replaces: full softmax attention
-        return 0.0, lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    raise ValueError(method)
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    if case == "performer-causal":
+        op = pd.compile("performer", features=256, causal=True)
+        return op, {"auto": lambda: op(q, k, v), "sdpa": sdpa}, None
+    op = pd.compile("luna_causal", length=16)
+    g = torch.Generator().manual_seed(1)
+    p = torch.randn(16, D, generator=g).requires_grad_(grad)
+    c = torch.randn(B, H, n, D, generator=g).requires_grad_(grad)
+    return op, {"auto": lambda: op(q, k, v, p=p, c=c), "sdpa": sdpa}, None
 
 
-def _make(case, method, n, grad):
-    if case == "longformer":
-        return _longformer(method, n, grad)
-    if case.startswith("performer"):
-        return _performer(method, n, grad, causal=case.endswith("causal"))
-    if case.startswith("luna"):
-        return _luna(method, n, grad, int(case.split("-")[1]))
-    raise ValueError(case)
-
-
-# -------------------------------------------------------------------------------------------- one run
-def _run_once(fn, grad):
+def _run(fn, grad):
     out = fn()
     if grad:
-        outs = out if isinstance(out, tuple) else (out,)
-        sum(o.float().square().mean() for o in outs).backward()
+        out.float().square().mean().backward()
     return out
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """The highest resident set size seen while the block runs (a sampling thread)."""
-
-    def __enter__(self):
-        self.base = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.0005):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-
-def _release_free_memory():
-    """Hand memory freed by earlier calls back to the OS (glibc keeps it resident), so the next call's
-    peak is measured from what is live, not hidden in pages the allocator still holds."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def measure(case, method, n, mode, repeat):
-    """Time (median ms), setup/compile seconds and peak working memory (MB) of one method, in this process."""
+def measure(case, n, mode, repeat):
+    """One cell, in this process: medians (ms) of the methods timed interleaved, the lowering auto chose."""
     torch.manual_seed(0)
     grad = mode == "fwd+bwd"
-    setup, fn = _make(case, method, n, grad)
+    make = _softmax_methods if case in PATTERNS else _linear_methods
+    op, methods, compile_s = make(case, n, grad)
     ctx = torch.enable_grad() if grad else torch.no_grad()
     with ctx:
-        t0 = time.perf_counter()
-        _run_once(fn, grad)                                                   # warm-up (Flex compiles here)
-        first = time.perf_counter() - t0
-        times = []
+        outs = {name: _run(fn, False) for name, fn in methods.items()}
+        ref = outs["auto"].detach()
+        agree = {name: float((o.detach() - ref).abs().max()) for name, o in outs.items() if name != "auto"}
+        if case in PATTERNS and max(agree.values()) > 2e-3:
+            raise SystemExit(f"{case} N={n}: outputs differ {agree}")
+        times = {name: [] for name in methods}
         for _ in range(repeat):
+            for name, fn in methods.items():
+                t0 = time.perf_counter()
+                _run(fn, grad)
+                times[name].append(time.perf_counter() - t0)
+    chosen = sorted(set(op._lowered.values()))
+    return {"case": case, "n": n, "mode": mode, "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+            "compile_s": compile_s, "lowering": ", ".join(chosen)}
+
+
+# -------------------------------------------------------------------------------------------- other rows
+def plan_timing(n=1 << 20):
+    """Seconds to plan a 1M-token Longformer: the choice (every candidate's work, from closed-form layouts)
+    and the chosen lowering's own setup, in a process that has not seen this N."""
+    import patterndsl as pd
+    from patterndsl.plan.lowering import Problem
+    from patterndsl.plan.select import choose
+    st = pd.compile("longformer").ir.stages[0]
+    t0 = time.perf_counter()
+    choice = choose(Problem(st, B, H, n, n, D, D))
+    t_choose = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    from patterndsl.backends.torch.schedule import make_schedule
+    make_schedule(st.mask, n, n, 64, 64, B * H)
+    t_sched = time.perf_counter() - t0
+    return {"choose_s": t_choose, "chosen": choice.chosen.name, "blocksparse_schedule_s": t_sched}
+
+
+def first_call(n=16384):
+    """A first call at 16k (choice, layouts, masks: everything but calibration, which is cached) vs warm."""
+    import patterndsl as pd
+    op = pd.compile("longformer")
+    q, k, v = _inputs(n, False)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        op(q, k, v)
+        first = time.perf_counter() - t0
+        warm = []
+        for _ in range(3):
             t0 = time.perf_counter()
-            _run_once(fn, grad)
-            times.append(time.perf_counter() - t0)
-        _release_free_memory()
-        with PeakRSS() as mem:            # apart from the timed calls: the sampler would steal a core
-            _run_once(fn, grad)
-    ms = statistics.median(times) * 1e3
-    peak = (mem.peak - mem.base) / 2 ** 20
-    return {"case": case, "method": method, "n": n, "mode": mode, "ms": ms, "setup_s": setup,
-            "compile_s": max(0.0, first - ms / 1e3) if method == "flex" else None, "peak_mb": peak}
+            op(q, k, v)
+            warm.append(time.perf_counter() - t0)
+    return {"first_s": first, "warm_s": statistics.median(warm), "lowering": ", ".join(op._lowered.values())}
 
 
-def _agree(case, n):
-    """The methods' outputs agree at this size (fp32, forward): the benchmark compares equal work."""
-    outs = {}
-    for method in METHODS[case]:
-        if _skip(case, method, n):
-            continue
-        with torch.no_grad():
-            out = _make(case, method, n, False)[1]()
-        outs[method] = out[0] if isinstance(out, tuple) else out
-    ref = outs.pop("patterndsl")
-    for method, out in outs.items():
-        if method in ("hf", "sdpa-full") or case.startswith("performer") and method == "sdpa":
-            continue                                     # different projections / a different function
-        out = out.reshape(ref.shape)
-        if case == "performer-causal":                   # performer-pytorch stabilises keys by the max over
-            out, ref = out[:, :, -1], ref[:, :, -1]      # all keys (it leaks the future): last rows agree
-        err = (out - ref).abs().max().item()
-        if err > 2e-3:
-            raise SystemExit(f"{case} N={n}: {method} differs from patterndsl by {err:.3g}")
+def demo_check():
+    res = subprocess.run([sys.executable, "-m", "patterndsl.cli", "demo", "--no-pictures"], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    rows = [ln for ln in res.stdout.splitlines() if ln.startswith(("ok", "FAIL"))]
+    ratios = {}
+    for ln in rows:
+        m = re.match(r"(ok|FAIL)\s+(\S+).*\(\s*([\d.]+)x\)", ln)
+        if m:
+            ratios[m.group(2)] = float(m.group(3))
+    return {"lines": rows, "ratios": ratios}
 
 
-METHODS = {
-    "longformer": ("patterndsl", "flex", "sdpa", "hf"),
-    "performer": ("patterndsl", "performer-pytorch", "sdpa"),
-    "performer-causal": ("patterndsl", "performer-pytorch", "sdpa"),
-    "luna-16": ("patterndsl", "sdpa-pack-unpack", "sdpa-full"),
-    "luna-256": ("patterndsl", "sdpa-pack-unpack", "sdpa-full"),
-}
-SIZES = {"longformer": (1024, 4096, 16384, 65536), "performer": (4096, 16384), "performer-causal": (4096, 16384),
-         "luna-16": (4096, 16384), "luna-256": (4096, 16384)}
-
-
-def _skip(case, method, n) -> str | None:
-    if method in ("sdpa", "sdpa-full") and n > DENSE_MAX:
-        return f"dense N x N above {DENSE_MAX}"
-    if method == "flex" and n > FLEX_MAX:
-        return f"block-mask build evaluates N^2 pairs above {FLEX_MAX}"
-    if method == "hf" and n > HF_MAX:
-        return "not run above 16k"
-    return None
-
-
-# --------------------------------------------------------------------------------------------- driver
-def _child(case, method, n, mode, repeat):
-    cmd = [sys.executable, __file__, "--one", json.dumps([case, method, n, mode, repeat])]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+# ------------------------------------------------------------------------------------------------ driver
+def _child(kind, args):
+    cmd = [sys.executable, __file__, "--one", json.dumps([kind, args])]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if res.returncode:
-        return {"case": case, "method": method, "n": n, "mode": mode, "error": res.stderr.strip().splitlines()[-1]}
+        return {"error": (res.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def layout_timing() -> list[str]:
-    """Closed-form layout and schedule build times at large N (no N^2 work anywhere)."""
-    import patterndsl as pd
-    from patterndsl.backends.torch.schedule import make_schedule
-    from patterndsl.plan.layout import tile_layout
-    mask = pd.compile("longformer", window=WINDOW, globals={0}).ir.stages[0].mask
-    rows = []
-    for n in (1 << 16, 1 << 20):
-        tile_layout(mask, 4096, 4096)                                         # warm-up
-        t0 = time.perf_counter()
-        lay = tile_layout(mask, n, n, *BLOCK)
-        t_layout = (time.perf_counter() - t0) * 1e3
-        t0 = time.perf_counter()
-        sched = make_schedule(mask, n, n, *BLOCK, B * H)
-        t_sched = (time.perf_counter() - t0) * 1e3
-        rows.append(f"| {n:,} | {lay.nnz:,} | {t_layout:.0f} ms | {len(sched.chunks)} | {t_sched:.0f} ms |")
-    return rows
+def _one(payload):
+    kind, args = json.loads(payload)
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = {"cell": lambda: measure(*args), "plan": plan_timing, "first": first_call}[kind]()
+    print(json.dumps(out))
 
 
-def _fmt(r):
-    if r is None or "skip" in r:
-        return "-"
-    if "does not support backward" in r.get("error", ""):
-        return "no CPU backward"
-    if "error" in r:
-        return "error: " + r["error"][:60]
-    extra = f" (+{r['compile_s']:.1f} s compile, {r['setup_s']:.1f} s block mask)" if r.get("compile_s") is not None \
-        else ""
-    return f"{r['ms']:.1f} ms / {r['peak_mb']:.0f} MB{extra}"
-
-
-def table(results, case) -> list[str]:
-    methods = METHODS[case]
-    lines = ["| N | mode | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
-    by = {(r["n"], r["mode"], r["method"]): r for r in results if r["case"] == case}
-    for n in sorted({k[0] for k in by}):
-        for mode in ("fwd", "fwd+bwd"):
-            cells = [_fmt(by.get((n, mode, m))) for m in methods]
-            lines.append(f"| {n:,} | {mode} | " + " | ".join(cells) + " |")
-    return lines
+def _repeat(n):
+    return 7 if n <= 1024 else 5 if n <= 4096 else 3
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--sizes", nargs="+", type=int, default=None, help="override the N of every case")
+    ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
+    ap.add_argument("--sizes", nargs="+", type=int, default=list(SIZES))
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["linear", "demo", "plan", "first"])
     ap.add_argument("--no-write", action="store_true", help="print, do not update BENCHMARKS.md")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
     if args.one:
-        print(json.dumps(measure(*json.loads(args.one))))
+        _one(args.one)
         return 0
-    results = []
-    for case in args.cases:
-        for n in args.sizes or SIZES[case]:
-            _agree(case, min(n, 4096))
-            for mode in args.modes:
-                for method in METHODS[case]:
-                    why = _skip(case, method, n)
-                    if why:
-                        results.append({"case": case, "n": n, "mode": mode, "method": method, "skip": why})
-                        continue
-                    repeat = 5 if n <= 4096 else 3 if n <= 16384 else 2
-                    r = _child(case, method, n, mode, repeat)
-                    results.append(r)
-                    print(f"{case:<17} N={n:<6} {mode:<8} {method:<18} {_fmt(r)}", flush=True)
-    skipped = sorted({(r["method"], r["skip"]) for r in results if "skip" in r})
-    lines = _report(args, results, skipped)
+    torch.set_num_threads(os.cpu_count() or 1)
+    from patterndsl.backends import declare_all
+    from patterndsl.plan.calibrate import calibrate
+    declare_all()
+    consts = calibrate("cpu")
+    print(consts.source, flush=True)
+    cells = []
+    for mode in args.modes:
+        for pattern in args.patterns:
+            for n in args.sizes:
+                r = _child("cell", [pattern, n, mode, _repeat(n)])
+                r.setdefault("case", pattern), r.setdefault("n", n), r.setdefault("mode", mode)
+                cells.append(r)
+                print(json.dumps(r), flush=True)
+    if "linear" not in args.skip:
+        for case, mode in (("performer-causal", "fwd+bwd"), ("luna-causal", "fwd")):
+            for n in (4096, 16384):
+                cells.append({**_child("cell", [case, n, mode, 3]), "case": case, "n": n, "mode": mode})
+                print(json.dumps(cells[-1]), flush=True)
+    extra = {k: (_child(k, []) if k not in args.skip else None) for k in ("plan", "first")}
+    extra["demo"] = demo_check() if "demo" not in args.skip else None
+    lines = report(cells, extra, consts.source)
     print("\n".join(lines))
     if not args.no_write:
-        _write(lines)
+        write(lines)
     return 0
 
 
-def _report(args, results, skipped) -> list[str]:
+# ------------------------------------------------------------------------------------------------ report
+def _ratio(r, names):
+    ms = r.get("ms", {})
+    others = [ms[n] for n in names if n in ms]
+    return ms["auto"] / min(others) if "auto" in ms and others else None
+
+
+def _softmax_table(cells, mode):
+    head = ("| pattern | N | auto | SDPA + mask | compiled Flex | auto / min | auto's lowering |" if mode == "fwd"
+            else "| pattern | N | auto | SDPA + mask | auto / SDPA | auto's lowering |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in cells:
+        if r["mode"] != mode or r["case"] not in PATTERNS:
+            continue
+        if "error" in r:
+            out.append(f"| {r['case']} | {r['n']:,} | error: {r['error'][:80]} |")
+            continue
+        ms = r["ms"]
+        if mode == "fwd":
+            flex = f"{ms['flex']:.1f} (+{r['compile_s']:.1f} s compile)" if "flex" in ms else "-"
+            out.append(f"| {r['case']} | {r['n']:,} | {ms['auto']:.1f} | {ms['sdpa']:.1f} | {flex} | "
+                       f"{_ratio(r, ('sdpa', 'flex')):.2f} | {r['lowering']} |")
+        else:
+            out.append(f"| {r['case']} | {r['n']:,} | {ms['auto']:.1f} | {ms['sdpa']:.1f} | "
+                       f"{_ratio(r, ('sdpa',)):.2f} | {r['lowering']} |")
+    return out
+
+
+def report(cells, extra, source) -> list[str]:
     cpu = platform.processor() or platform.machine()
     try:
         cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
     except (OSError, AttributeError):
         pass
-    command = " ".join(["python benchmarks/cpu.py"] + sys.argv[1:])
-    head = [f"Command: `{command}`  ",
-            f"Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}; date {datetime.date.today()}  ",
-            f"Shapes: fp32, B = {B}, H = {H}, D = {D}. Cells: median time / peak memory growth (RSS).", ""]
-    out = head
-    for case in args.cases:
-        out += [f"**{case}**", ""] + table(results, case) + [""]
-    if skipped:
-        out += ["Not run: " + "; ".join(f"{m} ({why})" for m, why in skipped) + ".", ""]
-    if "longformer" in args.cases:
-        out += [f"Closed-form layout and schedule of the Longformer mask ({BLOCK[0]} x {BLOCK[1]} tiles, B*H = 4):",
-                "",
-                "| N | nonempty tiles | layout | schedule chunks | schedule |", "|---|---|---|---|---|"]
-        out += layout_timing() + [""]
+    out = [f"Command: `{' '.join(['python benchmarks/cpu.py'] + sys.argv[1:])}`  ",
+           f"Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}; date {datetime.date.today()}  ",
+           f"Shapes: fp32, B = {B}, H = {H}, D = {D}; milliseconds, medians of calls interleaved in one process.  ",
+           f"Cost constants: {source}", "", "**Softmax built-ins, forward** (target: auto / min <= 1.05)", ""]
+    out += _softmax_table(cells, "fwd") + ["", "**Softmax built-ins, forward+backward** (target: auto / SDPA <= 1.0)",
+                                           ""] + _softmax_table(cells, "fwd+bwd")
+    lin = [r for r in cells if r["case"] in ("performer-causal", "luna-causal")]
+    if lin:
+        out += ["", "**Causal linear and nested** (against dense causal SDPA)", "",
+                "| case | N | mode | auto | dense causal SDPA | dense / auto | auto's lowering |", "|---|---|---|---|---|---|---|"]
+        for r in lin:
+            if "error" in r:
+                out.append(f"| {r['case']} | {r['n']:,} | {r['mode']} | error: {r['error'][:80]} |")
+                continue
+            ms = r["ms"]
+            out.append(f"| {r['case']} | {r['n']:,} | {r['mode']} | {ms['auto']:.1f} | {ms['sdpa']:.1f} | "
+                       f"{ms['sdpa'] / ms['auto']:.2f} | {r['lowering']} |")
+    out += _extras(extra)
     return out
 
 
-def _write(lines):
+def _extras(extra) -> list[str]:
+    out = []
+    plan, first, demo = extra.get("plan"), extra.get("first"), extra.get("demo")
+    if plan and "error" not in plan:
+        out += ["", f"**1M-token Longformer plan**: the choice (every candidate's work from closed-form layouts) "
+                    f"{plan['choose_s'] * 1e3:.0f} ms, chose {plan['chosen']}; the block-sparse schedule alone "
+                    f"{plan['blocksparse_schedule_s'] * 1e3:.0f} ms (64x64 tiles)."]
+    if first and "error" not in first:
+        out += ["", f"**First call at 16k** (Longformer, calibration cached): {first['first_s'] * 1e3:.0f} ms vs "
+                    f"{first['warm_s'] * 1e3:.0f} ms warm ({first['lowering']})."]
+    if demo:
+        slower = [k for k, r in demo["ratios"].items() if r < 1.0]
+        out += ["", "**`patterndsl demo`** (N = 1024; speed-up over dense SDPA with the mask): "
+                + ", ".join(f"{k} {r:.2f}x" for k, r in demo["ratios"].items())
+                + (f"; slower than dense: {', '.join(slower)}" if slower else "; none slower than dense")]
+    return out
+
+
+def write(lines):
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text()
     begin, end = "<!-- cpu:begin -->", "<!-- cpu:end -->"
-    block = "\n".join([begin, "## CPU (torch backend)", ""] + lines + [end])
+    block = "\n".join([begin, "## CPU (planner: auto against SDPA and Flex)", ""] + lines + [end])
     if begin in text:
         text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:

@@ -9,6 +9,12 @@ except Exception:  # pragma: no cover
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests never time anything: the planner uses its default cost constants (tests that check choices inject
+# their own), and subprocesses inherit this.
+os.environ.setdefault("PATTERNDSL_CALIBRATE", "0")
+if "PATTERNDSL_CACHE" not in os.environ:          # and no calibration cached on this machine is read
+    import tempfile
+    os.environ["PATTERNDSL_CACHE"] = os.path.join(tempfile.gettempdir(), "patterndsl-tests-no-calibration")
 
 import pytest  # noqa: E402
 
@@ -18,5 +24,5 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:   # not `in item.keywords`: that holds folder names
             item.add_marker(skip)

@@ -83,8 +83,8 @@ def test_help(sub):
 def test_explain_subprocess(local_attn):
     r = cli("explain", local_attn, "-n", 1024, "--set", "w=16", "--head-dim", 32)
     assert r.returncode == 0, r.stderr
-    for line in ("plan for local at N = 1024, head_dim = 32", "kernel  block-sparse", "pairs   = 35*N",
-                 "FLOPs   = 4480*N", "class   O(N); beats dense attention's work from N ="):
+    for line in ("plan for local at N = 1024, head_dim = 32", "kernel  torch.", "candidates (predicted time",
+                 "pairs   = 35*N", "FLOPs   = 4480*N", "class   O(N); beats dense attention from N ="):
         assert line in r.stdout, line
 
 

@@ -1,5 +1,7 @@
-"""Gradients through the reference backend: `torch.autograd.gradcheck` in float64 for every built-in (and
-variants), and float32 / bfloat16 outputs and gradients against float64."""
+"""Smoke tests of the reference backend against itself: `torch.autograd.gradcheck` in float64 for every
+built-in (and variants: its analytic gradients equal its own finite differences), and float32 / bfloat16
+outputs and gradients against its own float64 run. They check self-consistency and precision, not that the
+reference computes the documented function: that evidence is tests/test_oracle_op.py (independent oracles)."""
 import pytest
 import torch
 
@@ -63,7 +65,7 @@ def _call(op, names, runtime, kpm):
 
 
 @pytest.mark.parametrize("make", list(OPS.values()), ids=list(OPS))
-def test_gradcheck_fp64_B1_N8_D4(make):
+def test_smoke_gradcheck_fp64_B1_N8_D4(make):
     op = make()
     tensors, runtime, kpm = _inputs(op, torch.float64)
     args = tuple(t.requires_grad_() for t in tensors.values())
@@ -84,7 +86,7 @@ def _outputs_and_grads(op, tensors, runtime, kpm):
 # 2e-3 with W kept in float32); everything else is within 7e-3.
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("make", list(OPS.values()), ids=list(OPS))
-def test_low_precision_outputs_and_grads_B2_N16_D8(make, dtype, tol):
+def test_smoke_low_precision_against_own_fp64_B2_N16_D8(make, dtype, tol):
     op = make()
     tensors, runtime, kpm = _inputs(op, dtype, B=2, N=16, D=8, seed=1)
     gold_out, gold_grad = _outputs_and_grads(op, {k: t.double() for k, t in tensors.items()}, runtime, kpm)

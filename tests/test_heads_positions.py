@@ -57,9 +57,15 @@ def _inputs(ir, H, Hk, offsets):
 
 
 def _run(op, x, runtime, kpm, dout, **kw):
-    """Outputs and gradients (on the CPU); the Triton backend runs on CUDA when there is one."""
+    """Outputs and gradients (on the CPU); the Triton backend runs on CUDA when there is one, in float32 (its
+    kernels refuse float64, which they would compute at float32 accuracy)."""
     dev = "cuda" if op.backend == "triton" and torch.cuda.is_available() else "cpu"
-    to = (lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t)  # noqa: E731
+    wide = torch.float32 if op.backend == "triton" else torch.float64
+
+    def to(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.to(dev, wide) if t.is_floating_point() else t.to(dev)
     leaves = {n: to(t).detach().clone().requires_grad_() for n, t in x.items()}
     out = op(leaves["q"], leaves["k"], leaves["v"], key_padding_mask=to(kpm), **{n: to(t) for n, t in kw.items()},
              **{n: to(t) for n, t in runtime.items()}, **{n: t for n, t in leaves.items() if n in ("p", "c")})

@@ -162,11 +162,17 @@ def _nest(kind: str, n: int) -> str:
     }[kind]
 
 
+# what each construct nested MAX_DEPTH (200) levels means: ~^200 full, -^199 0, not^199 true, 1 - (1 - ...)
+NESTED_MEANS = {"parens": "full", "complement": "full", "negation": "sliding(0)", "not": "causal", "if": "full",
+                "calls": "sliding(1)", "right-sub": "sliding(0)"}
+
+
 @pytest.mark.parametrize("kind,col", [("parens", 235), ("complement", 235), ("negation", 242), ("not", 834),
                                       ("if", 2635), ("calls", 1439), ("right-sub", 1042)])
 def test_nesting_limit_holds_for_every_construct(kind, col):
     """MAX_DEPTH levels work; one more is refused at the bracket, operator or `if` that opens it."""
-    assert pd.compile(HEAD + _nest(kind, MAX_DEPTH) + " }", backend="reference") is not None
+    got = pd.compile(HEAD + _nest(kind, MAX_DEPTH) + " }", backend="reference").mask(9, 9)
+    assert torch.equal(got, pd.compile(HEAD + NESTED_MEANS[kind] + " }", backend="reference").mask(9, 9)), kind
     e = refused(HEAD + _nest(kind, MAX_DEPTH + 1) + " }")
     assert e.message == "expression nested too deeply: more than 200 brackets, unary operators and ifs open here"
     assert (e.line, e.column) == (1, col), str(e)
@@ -200,7 +206,8 @@ def test_the_balanced_tree_is_measured_exactly():
     e = refused(HEAD + "full | full | full | " + "~" * 199 + "full }")
     assert e.message == "expression nested too deeply: more than 200 levels deep"
     assert (e.line, e.column) == (1, 56 + 198)
-    assert pd.parse(HEAD + "full | full | " + "~" * 199 + "full }") is not None   # 1 + 199 levels
+    ok = pd.compile(HEAD + "full | full | " + "~" * 199 + "full }", backend="reference")   # 1 + 199 levels
+    assert bool(ok.mask(5, 5).all())                                   # full | full | (~^199 full = empty)
 
 
 def test_chains_of_associative_operators_are_balanced():

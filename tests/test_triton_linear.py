@@ -130,9 +130,17 @@ def test_input_errors():
     with pytest.raises(PatternError, match=r"projection must be a tensor \[m, 16\] \(features, head_dim\), got "
                                            r"\[4, 8\]"):
         linear_attention(q, q, q, Favor(4), w[:, :8])
-    with pytest.raises(PatternError, match="float q, k, v of one dtype, got torch.float32, torch.float32, "
-                                           "torch.float16"):
+    with pytest.raises(PatternError, match="float16, bfloat16 or float32 tensors of one dtype, got torch.float32, "
+                                           "torch.float32, torch.float16"):
         linear_attention(q, q, q.half(), Favor(4), w)
+    with pytest.raises(PatternError, match="linear attention on the Triton kernels computes in float32 at most"):
+        linear_attention(q.double(), q.double(), q.double(), Favor(4), w.double())
+    with pytest.raises(PatternError, match="segment must be a multiple of 16 tokens, got 24"):
+        linear_attention(q, q, q, Favor(4), w, segment=24)
+    with pytest.raises(PatternError, match=r"q_offset must be an int or an integer tensor \[1\], got torch.float32"):
+        linear_attention(q, q, q, Favor(4), w, causal=True, q_offset=torch.zeros(1))
+    with pytest.raises(PatternError, match="q_offset must be >= 0 and < 2\\*\\*31, got -3"):
+        linear_attention(q, q, q, Favor(4), w, causal=True, q_offset=-3)
     with pytest.raises(PatternError, match=r"k like q \[B, H, N_k, D\] and v \[B, H, N_k, D_v\]"):
         linear_attention(q, q[..., :8], q, Favor(4), w)
     with pytest.raises(PatternError, match="no Triton kernel for the feature map str"):
@@ -154,8 +162,8 @@ def test_custom_op_registration():
     kpm = torch.zeros(1, 40, dtype=torch.bool, device=DEV)
     kpm[0, -3:] = True
     w = torch.randn(16, 16, device=DEV)
-    torch.library.opcheck(F._linear_op, (q, k, v, w, kpm, F.FAVOR, True, 1e-4))
+    torch.library.opcheck(F._linear_op, (q, k, v, w, kpm, F.FAVOR, True, 1e-4, [0], 0))
     q, k, v = (x.detach() for x in (q, k, v))
-    out, den = F._linear_op(q, k, v, w, kpm, F.FAVOR, True, 1e-4)
+    out, den = F._linear_op(q, k, v, w, kpm, F.FAVOR, True, 1e-4, [0], 0)
     do = torch.randn_like(out.transpose(1, 2)).transpose(1, 2)
-    torch.library.opcheck(F._linear_bwd_op, (do, q, k, v, w, kpm, out, den, F.FAVOR, True, 1e-4))
+    torch.library.opcheck(F._linear_bwd_op, (do, q, k, v, w, kpm, out, den, F.FAVOR, True, 1e-4, [0], 0))

@@ -108,9 +108,11 @@ def test_pack_unpack_through_op():
 def test_input_errors():
     xs, _ = _inputs(1, 1, 8, 16, 4)
     q, k, v, p, c = (x.float() for x in xs)
-    with pytest.raises(PatternError, match=r"takes float q, k, v, p, c of one dtype, got \['torch.float16', "
-                                           r"'torch.float32'\]"):
+    with pytest.raises(PatternError, match=r"float16, bfloat16 or float32 tensors of one dtype, got torch.float32, "
+                                           r"torch.float32, torch.float32, torch.float16, torch.float32"):
         nested_attention(q, k, v, p.half(), c)
+    with pytest.raises(PatternError, match="causal Luna on the Triton kernels computes in float32 at most"):
+        nested_attention(*(x.double() for x in (q, k, v, p, c)))
     with pytest.raises(PatternError, match=r"p \[B, H, l, D\]: got q \[1, 1, 8, 16\], k \[1, 1, 8, 16\], "
                                            r"v \[1, 1, 8, 16\], p \[4, 16\]"):
         nested_attention(q, k, v, p[0, 0], c)

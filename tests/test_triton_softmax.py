@@ -158,9 +158,18 @@ def _q(n=8, d=16):
     return torch.randn(1, 1, n, d, device=DEV)
 
 
+def _q2():
+    return torch.randn(1, 2, 8, 16, device=DEV)
+
+
 INPUT_ERRORS = {  # id: (call, message)
     "dtype-mix": (lambda: softmax_attention(_q(), _q(), _q().half(), M.CAUSAL),
-                  "float16, bfloat16, float32 or float64 q, k, v of one dtype"),
+                  "float16, bfloat16 or float32 tensors of one dtype, got torch.float32, torch.float32, "
+                  "torch.float16"),
+    "float64": (lambda: softmax_attention(_q().double(), _q().double(), _q().double(), M.CAUSAL),
+                "(?s)float64 inputs would come back at float32 accuracy.*backend='torch' or backend='reference'"),
+    "gqa-3-over-2": (lambda: softmax_attention(torch.randn(1, 3, 8, 16, device=DEV), _q2(), _q2(), M.CAUSAL),
+                     r"(?s)k \[1, 2, 8, 16\].*H_kv dividing H"),
     "head-dim-512": (lambda: softmax_attention(_q(4, 512), _q(4, 512), _q(4, 512), M.CAUSAL),
                      "head dims up to 256, got q 512"),
     "k-head-dim": (lambda: softmax_attention(_q(), _q(8, 8), _q(), M.CAUSAL),
@@ -255,11 +264,11 @@ def test_custom_op_registration():
     kpm[0, -3:] = True
     from patterndsl.backends.custom import register
     key = register("triton_softmax", M.sliding(3) | M.global_({0}), 16, 16, 2, 4)
-    torch.library.opcheck(S._softmax_op, (q, k, v, kpm, [], key, 0.25))
+    torch.library.opcheck(S._softmax_op, (q, k, v, kpm, [], key, 0.25, [0]))
     q, k, v = (x.detach() for x in (q, k, v))
-    out, lse = S._softmax_op(q, k, v, kpm, [], key, 0.25)
+    out, lse = S._softmax_op(q, k, v, kpm, [], key, 0.25, [0])
     do = torch.randn_like(out.transpose(1, 2)).transpose(1, 2)
-    torch.library.opcheck(S._softmax_bwd_op, (do, None, q, k, v, out, lse, kpm, [], key, 0.25))
+    torch.library.opcheck(S._softmax_bwd_op, (do, None, q, k, v, out, lse, kpm, [], key, 0.25, [0]))
 
 
 def test_torch_compile_attention_op_in_module():

@@ -28,14 +28,16 @@ _MASKS: dict[str, M.Mask] = {}  # mask_key -> mask
 def register(*spec) -> str:
     """The key of `spec` (hashable, printable values; the first names the op), registered for `spec(key)`.
 
-    Masks in `spec` travel as their own keys (`mask_key`), so what torch.compile folds below is a call on
-    plain strings and numbers: dynamo (torch 2.11) cannot hand a frozen dataclass to a constant function."""
-    return _register(*(mask_key(x) if isinstance(x, M.Mask) else x for x in spec))
+    A mask whose key is known (`prime`) travels as that string, so what torch.compile folds below is a call on
+    plain strings and numbers (dynamo in torch 2.11 cannot hand a frozen dataclass to a constant function); an
+    unprimed mask travels as itself (torch 2.13 folds that too)."""
+    return _register(*(x.__dict__.get("_custom_key", x) if isinstance(x, M.Mask) else x for x in spec))
 
 
 @torch.compiler.assume_constant_result
 def _register(*parts) -> str:
     """Variadic so that torch.compile sees plain arguments it can fold, not a tuple built while tracing."""
+    parts = tuple(mask_key(x) if isinstance(x, M.Mask) else x for x in parts)
     key = hashlib.sha1(repr(parts).encode()).hexdigest()[:24]
     _SPECS.setdefault(key, tuple(_MASKS.get(x, x) if isinstance(x, str) else x for x in parts))
     return key

@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS = ("check", "explain", "show", "emit", "bench", "demo", "diff", "reach")
+SUBCOMMANDS = ("check", "explain", "show", "emit", "bench", "demo", "diff", "reach", "calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:

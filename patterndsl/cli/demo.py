@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from ..errors import PatternError
 from . import options
 from .picture import ascii_picture, draw, panels
-from .workload import heads_for, make_inputs, sdpa_dense, time_ms
+from .workload import heads_for, make_inputs, sdpa_dense
 
 HELP = "compile every built-in, check it against the reference, time it, draw it"
 _TOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 3e-2, torch.bfloat16: 5e-2}
@@ -35,7 +36,7 @@ def add_parser(subparsers):
     p.add_argument("--no-pictures", action="store_true", help="skip the pictures")
     p.add_argument("--only", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], metavar="NAME,...",
                    help="just these built-ins")
-    p.add_argument("--repeat", type=options.positive, default=3, help="timed runs (default: 3)")
+    p.add_argument("--repeat", type=options.positive, default=5, help="timed runs, interleaved (default: 5)")
     p.set_defaults(run=run)
     return p
 
@@ -53,6 +54,23 @@ def max_error(op, inputs) -> float:
     want = ref(*(_double(t).cpu() for t in (q, k, v)), **{n: _double(t).cpu() for n, t in extra.items()})
     got, want = (got,) if isinstance(got, torch.Tensor) else got, (want,) if isinstance(want, torch.Tensor) else want
     return max((g.double().cpu() - w).abs().max().item() for g, w in zip(got, want))
+
+
+def interleaved_ms(fns, device, repeat: int = 3) -> list[float]:
+    """Median milliseconds of each of `fns`, called in turn (one warm-up each), so that a busy machine
+    slows them alike and their ratio stays meaningful."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    times = [[] for _ in fns]
+    with torch.no_grad():
+        for rnd in range(repeat + 1):
+            for i, fn in enumerate(fns):
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                if rnd:
+                    times[i].append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def plan_summary(op, n: int, head_dim: int, device, dtype) -> str:
@@ -104,8 +122,8 @@ def run(args) -> int:
             inputs = make_inputs(op, 1, args.heads, n, D, dtype, device)
             err = max_error(op, inputs)
             q, k, v, extra = inputs
-            mine = time_ms(lambda: op(q, k, v, **extra), device, repeat=args.repeat)
-            dense = time_ms(lambda f=sdpa_dense(op, n, 1, device): f(q, k, v), device, repeat=args.repeat)
+            f = sdpa_dense(op, n, 1, device)
+            mine, dense = interleaved_ms([lambda: op(q, k, v, **extra), lambda: f(q, k, v)], device, args.repeat)
             ok = err <= _TOL[dtype]
             plan = plan_summary(op, n, D, device, dtype)
             pic = "" if args.no_pictures else "  -> " + _picture(op, args)

@@ -16,6 +16,7 @@ from ..errors import PatternError
 from ..ir.program import ProgramIR
 from .graph import run_graph
 from .inspect import InspectionMixin
+from .lowered import track
 from .projections import ProjectionsMixin
 from .validate import check_call, input_names
 
@@ -54,6 +55,9 @@ class AttentionOp(ProjectionsMixin, InspectionMixin):
         self._draws: dict[str, int] = {}
         self._choice: dict = {}
         self._resolved: dict = {}
+        self._lowered: dict = {}     # (stage, shape class, calibration, pins) -> the lowering it runs with
+        self._fast: dict = {}        # (stage, exact shapes, ..., calibration, pins) -> that lowering
+        track(self)
         from ..backends.custom import prime
         prime(st.mask for st in ir.stages)  # the custom ops' mask keys, computed before any tracing
         try:  # resolve imports now, not while torch.compile traces a call; a device it cannot use errors there
@@ -74,7 +78,9 @@ class AttentionOp(ProjectionsMixin, InspectionMixin):
         """The backend chosen for each stage on `device`."""
         device = torch.device(device)
         if device not in self._choice:
+            from ..backends import declare_all
             from ..plan.select import select_backends
+            declare_all()
             self._choice[device] = select_backends(self.ir, self.backend, device)
         return self._choice[device]
 

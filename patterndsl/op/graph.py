@@ -13,6 +13,7 @@ import torch
 
 from ..errors import PatternError
 from ..ir.program import INPUT, Linear, Nested, Softmax, Stage
+from .lowered import stage_lowering
 from .validate import Call
 
 
@@ -74,20 +75,22 @@ def run_stage(op, be, st: Stage, call: Call, values: dict) -> torch.Tensor:
 
 
 def _run_stage(op, be, st: Stage, call: Call, values: dict) -> torch.Tensor:
+    """One stage through the lowering the planner chose for its shapes (`lowered.py`)."""
     q, k, v, kpm, c, p, offset = stage_sources(st, call, values)
     norm = st.normaliser
     if q.shape[0] == 0 or (not isinstance(norm, Softmax) and (q.shape[2] == 0 or k.shape[2] == 0)):
         return _empty(q, k, v, (c, p))       # no batch row, or no query or key of a linear form: zeros
-    if isinstance(norm, Softmax) and st.score is not None:
+    if isinstance(norm, Softmax) and st.score is not None:   # score terms: the backend's scored path
         from .scores import run_scored
         return run_scored(be, st, q, k, v, kpm, call, offset)
+    run = stage_lowering(op, st, q, k, v, kpm, 0 if p is None else p.shape[2], offset).run
     if isinstance(norm, Softmax):
         scale = norm.scale if norm.scale is not None else q.shape[-1] ** -0.5
-        return be.softmax(st, q, k, v, scale=scale, key_padding_mask=kpm, runtime=call.runtime, q_offset=offset)
+        return run(st, q, k, v, scale=scale, key_padding_mask=kpm, runtime=call.runtime, q_offset=offset)
     if isinstance(norm, Linear):
         w = op.projection(st, q.shape[-1], q.device, q.dtype)
-        return be.linear(st, q, k, v, projection=w, key_padding_mask=kpm, q_offset=offset)
-    return be.nested(st, q, k, v, p=p, c=c, key_padding_mask=kpm, q_offset=offset)
+        return run(st, q, k, v, projection=w, key_padding_mask=kpm, q_offset=offset)
+    return run(st, q, k, v, p=p, c=c, key_padding_mask=kpm, q_offset=offset)
 
 
 def select_rows(call: Call, rows: torch.Tensor, offset: int) -> Call:

@@ -67,11 +67,15 @@ class InspectionMixin:
         from ..analysis.checks import program_properties
         return program_properties(self.ir, bound, block)
 
-    def explain(self, seq_len: int, head_dim: int = 64, device="cpu", dtype=torch.float32, **shape):
-        """The `Plan` for these shapes: schedule, kernel per stage and why, tiles, symbolic costs."""
+    def explain(self, seq_len: int, head_dim: int = 64, device="cpu", dtype=torch.float32, batch: int = 1,
+                heads: int | None = None, grad: bool = False, kv_heads: int | None = None, q_offset: int = 0):
+        """The `Plan` for these shapes: per stage every candidate lowering with its predicted time, the chosen
+        one and why, heads and mask, tiles, symbolic costs, and the N from which it beats dense attention."""
+        from ..backends import declare_all
         from ..plan.plan import make_plan
+        declare_all()
         return make_plan(self, seq_len=seq_len, head_dim=head_dim, device=torch.device(device), dtype=dtype,
-                         **shape)
+                         batch=batch, heads=heads, grad=grad, kv_heads=kv_heads, q_offset=q_offset)
 
     def emit(self, **constexprs) -> str:
         """The Triton source generated for this program: its mask functions (`mask_tile_*`, `tile_full_*`),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sympy
 
 from ..ir import mask as M
-from ..ir.program import Linear, Softmax, Stage
+from ..ir.program import Elu1, Linear, Softmax, Stage
 
 N = sympy.Symbol("N", positive=True)
 
@@ -38,8 +38,10 @@ def lengths(ir) -> dict[str, sympy.Expr]:
     return rows
 
 
-def stage_costs(st: Stage, head_dim: int, elt_bytes: int, n_q: sympy.Expr = N, n_k: sympy.Expr = N) -> dict:
-    """FLOPs, bytes moved (each input read once, the output written once) and extra memory, per (B, H)."""
+def stage_costs(st: Stage, head_dim: int, elt_bytes: int, n_q: sympy.Expr = N, n_k: sympy.Expr = N,
+                length: int = 16) -> dict:
+    """FLOPs, bytes moved (each input read once, the output written once) and extra memory, per (B, H);
+    `length` is a nested stage's packed length."""
     d = head_dim
     if isinstance(st.normaliser, Softmax):
         p = pairs(st.mask) if (n_q, n_k) == (N, N) else n_q * n_k * (0 if st.mask == M.EMPTY else 1)
@@ -50,10 +52,10 @@ def stage_costs(st: Stage, head_dim: int, elt_bytes: int, n_q: sympy.Expr = N, n
     elif isinstance(st.normaliser, Linear):
         m = getattr(st.normaliser.feature_map, "features", d)
         p = N ** 2 / 2 if st.causal else N ** 2
-        flops = 2 * N * m * d * 2 + 4 * N * m * d  # features of q and k, then phi(K)^T V and phi(Q) (...)
+        project = 0 if isinstance(st.normaliser.feature_map, Elu1) else 2 * N * m * d * 2  # elu1: elementwise
+        flops = project + 4 * N * m * d  # features of q and k (x W^T), then phi(K)^T V and phi(Q) (...)
         memory = 2 * N * m * 4 + m * d * 4
     else:
-        length = 16
         p = N * length
         flops = 8 * N * length * d
         memory = 2 * N * length * 4

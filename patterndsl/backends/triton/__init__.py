@@ -4,10 +4,10 @@ Runs on CUDA devices, and on the CPU under Triton's interpreter when `TRITON_INT
 triton is imported (the test suite does this). Kernels are imported on first use, so selecting another
 backend never imports triton.
 
-Grouped-query k, v and query offsets reach the kernels through `_interim_groups_and_offset` for now: it
-repeats kv heads and, for the causal scans, front-pads the queries (the softmax kernels take the offset
-through their tile plan and AUX). The gpu workstream's kernels index kv heads and read the offset
-themselves, and replace that function.
+Grouped-query k, v and query offsets: the softmax kernels index the shared kv head (dk, dv summed over its query
+heads in a fixed order) and take the offset through AUX[0] and their tile plan; the causal FAVOR+ scan reads the
+offset itself. FAVOR+ and Luna repeat shared kv heads (`_repeat_kv`), and causal Luna, whose kernel takes
+N_q == N_k at offset 0, gets front-padded queries and aligned keys (`_aligned`).
 """
 from __future__ import annotations
 
@@ -68,9 +68,8 @@ class TritonBackend:
         return default_blocks(head_dim, torch.device(device))[:2]
 
     def softmax(self, stage, q, k, v, *, scale, key_padding_mask=None, runtime=None, q_offset=0):
-        from .softmax import run_softmax      # the op has checked the inputs
-        q, k, v, _, kpm = _interim_groups_and_offset(q, k, v, None, key_padding_mask)
-        return run_softmax(q, k, v, stage.mask, scale=scale, key_padding_mask=kpm, runtime=runtime,
+        from .softmax import run_softmax      # the op has checked the inputs; the kernels index kv heads
+        return run_softmax(q, k, v, stage.mask, scale=scale, key_padding_mask=key_padding_mask, runtime=runtime,
                            q_offset=q_offset)
 
     def scored(self, stage, q, k, v, *, scale, key_padding_mask=None, runtime=None, q_offset=0, head_offset=0,
@@ -81,37 +80,40 @@ class TritonBackend:
                                 q_offset=q_offset, head_offset=head_offset)
 
     def linear(self, stage, q, k, v, *, projection, key_padding_mask=None, q_offset=0):
-        from .favor import linear_attention
-        o = q_offset if stage.causal else 0
-        q, k, v, _, kpm = _interim_groups_and_offset(q, k, v, None, key_padding_mask, o)
-        out = linear_attention(q, k, v, stage.normaliser.feature_map, projection, causal=stage.causal,
-                               key_padding_mask=kpm)
-        return out[:, :, o:]
+        from .favor import linear_attention   # the causal scan reads the offset itself
+        k, v, _ = _repeat_kv(q, k, v)
+        return linear_attention(q, k, v, stage.normaliser.feature_map, projection, causal=stage.causal,
+                                key_padding_mask=key_padding_mask, q_offset=q_offset if stage.causal else None)
 
     def nested(self, stage, q, k, v, *, p, c, key_padding_mask=None, q_offset=0):
         from .luna import nested_attention
-        q, k, v, c, kpm = _interim_groups_and_offset(q, k, v, c, key_padding_mask, q_offset, align=True)
+        k, v, c = _repeat_kv(q, k, v, c)
+        q, k, v, c, kpm = _aligned(q, k, v, c, key_padding_mask, q_offset)
         return nested_attention(q, k, v, p, c, key_padding_mask=kpm)[:, :, q_offset:]
 
 
-def _interim_groups_and_offset(q, k, v, c, key_padding_mask, q_offset: int = 0, align: bool = False):
-    """INTERIM, until the gpu workstream's kernels (GQA by indexing, the query offset read in the kernels)
-    replace it: k, v (and c) repeated to q's heads; with an offset o, q front-padded with o zero rows, so a
-    causal scan without an offset computes each row at its position (the caller keeps rows o ..), and with
-    `align` the keys cut or padded (as padding) to o + N_q, as causal Luna's kernel needs N_q == N_k."""
+def _repeat_kv(q, k, v, c=None):
+    """k, v (and c) repeated to q's heads, for the FAVOR+ and Luna kernels, which take one kv head per query head
+    (the softmax kernels index the shared head instead); autograd sums the copies' gradients."""
     H = q.shape[1]
-    k, v, c = (x if x is None or x.shape[1] == H else x.repeat_interleave(H // x.shape[1], dim=1) for x in (k, v, c))
+    return tuple(x if x is None or x.shape[1] == H else x.repeat_interleave(H // x.shape[1], dim=1) for x in (k, v, c))
+
+
+def _aligned(q, k, v, c, key_padding_mask, q_offset: int):
+    """Causal Luna's kernel takes N_q == N_k and no query offset: q front-padded with `q_offset` zero rows (the
+    caller keeps rows `q_offset ..`), and the keys cut or padded (as padding) to `q_offset + N_q`."""
     if q_offset:
         q = torch.nn.functional.pad(q, (0, 0, q_offset, 0))
-    if align and k.shape[2] != q.shape[2]:
-        n, n_k = q.shape[2], k.shape[2]
-        kpm = (key_padding_mask if key_padding_mask is not None
-               else torch.zeros(k.shape[0], n_k, dtype=torch.bool, device=k.device))
-        def cut(x):
-            return x[:, :, :n] if n_k > n else torch.nn.functional.pad(x, (0, 0, 0, n - n_k))
-        k, v, c = cut(k), cut(v), cut(c)
-        key_padding_mask = kpm[:, :n] if n_k > n else torch.nn.functional.pad(kpm, (0, n - n_k), value=True)
-    return q, k, v, c, key_padding_mask
+    n, n_k = q.shape[2], k.shape[2]
+    if n_k == n:
+        return q, k, v, c, key_padding_mask
+    kpm = key_padding_mask if key_padding_mask is not None else torch.zeros(k.shape[0], n_k, dtype=torch.bool,
+                                                                          device=k.device)
+
+    def cut(x):
+        return x[:, :, :n] if n_k > n else torch.nn.functional.pad(x, (0, 0, 0, n - n_k))
+    kpm = kpm[:, :n] if n_k > n else torch.nn.functional.pad(kpm, (0, n - n_k), value=True)
+    return q, cut(k), cut(v), cut(c), kpm
 
 
 BACKEND = TritonBackend()
