@@ -102,4 +102,5 @@ def test_the_far_field_approaches_exact_softmax_as_m_grows():
 
 
 def test_plan_names_the_near_far_kernel():
-    assert "near + far" in str(pd.compile(SRC.format(near="sliding(w)"), backend="torch").explain(256))
+    assert "FAVOR+ totals minus near terms" in str(pd.compile(SRC.format(near="sliding(w)"), backend="torch")
+                                                   .explain(256))

@@ -178,7 +178,7 @@ def test_a_backend_without_score_terms_refuses_the_stage():
 
 def test_explain_names_the_scored_kernel():
     text = str(compile_(MASKS[0], "torch").explain(512))
-    assert "scored tiles" in text
+    assert "torch.scored: gathered tiles" in text and "score terms (bias = " in text
 
 
 # ------------------------------------------------------------------------------------------------- flex
