@@ -20,6 +20,9 @@ SMALL = {  # parameters that make each example non-trivial at N = 40
     "window_favor_causal": {"window": 5, "features": 16},
     "sink_window": {"window": 6, "sinks": 3},
     "document_mask": {"window": 9},
+    "alibi": {"heads": 4},
+    "t5_bias": {"heads": 4, "buckets": 8, "max_distance": 20},
+    "gemma2": {"window": 7, "cap": 1.5},
 }
 
 
@@ -143,3 +146,14 @@ def test_causal_patterns_read_the_answer_from_the_last_token():
         assert not torch.allclose(model(far), model(tokens)), "the answer must see the far end"
     causal.reversed = False                              # read token 0 under the causal mask: blind
     assert torch.allclose(causal(far), causal(tokens))
+
+
+def test_near_far_experiment_runs_small():
+    """The accuracy experiment of examples/near_far_error.py at a small size: finite errors for every method."""
+    spec = importlib.util.spec_from_file_location("near_far_error", ROOT / "examples" / "near_far_error.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--small"])
+    for causal, err in out.items():
+        assert set(err) == {"near+far", "FAVOR+", "window", "FAVOR+ same m"}
+        assert all(0 < e < 10 for e in err.values()), (causal, err)

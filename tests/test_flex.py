@@ -14,7 +14,7 @@ from patterndsl.op import AttentionOp
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 BUILTINS = ["longformer", "performer", "luna", "luna_causal", "bigbird", "sparse_transformer", "sliding_window",
-            "dilated_window", "prefix_lm", "longformer_performer", "causal", "full"]
+            "dilated_window", "prefix_lm", "longformer_performer", "causal", "full", "window_favor"]
 
 
 def _have_parser() -> bool:

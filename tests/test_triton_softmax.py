@@ -229,6 +229,8 @@ def _builtin_names():
 def test_builtin_matches_reference(name):
     """`pd.compile(name, backend="triton")` equals the reference backend, outputs and gradients (B1-N48-D16)."""
     import patterndsl as pd
+    if any(st.score is not None for st in pd.compile(name, backend="reference").ir.stages):
+        pytest.skip("score terms have no Triton kernel yet (test_scores_backends checks the refusal)")
     ops = {b: pd.compile(name, backend=b) for b in ("reference", "triton")}
     ir = ops["triton"].ir
     H = ir.num_heads or 2

@@ -30,7 +30,10 @@ def example_ids(batch: int, n: int, device=None) -> torch.LongTensor:
 
 
 def heads_for(op, heads: int) -> int:
-    """The head count to run `op` with: the program's own for per-head programs, else `heads`."""
+    """The head count to run `op` with: the program's own for per-head programs, or the rows of its bias
+    tables (one per head), else `heads`."""
+    if op.ir.tables:
+        return op.ir.tables[0][1]
     return op.ir.num_heads if op.ir.num_heads is not None else heads
 
 
@@ -52,7 +55,7 @@ def runtime_example(op, batch: int, n: int, device=None) -> dict:
 
 def make_inputs(op, batch: int, heads: int, n: int, head_dim: int, dtype=torch.float32, device="cpu",
                 seed: int = 0, requires_grad: bool = False):
-    """Random q, k, v `[B, H, n, D]` and the op's extra inputs (params `[l, D]`, ids, Luna's `c`)."""
+    """Random q, k, v `[B, H, n, D]` and the op's extra inputs (params `[l, D]`, bias tables, ids, Luna's `c`)."""
     g = torch.Generator().manual_seed(seed)
     H = heads_for(op, heads)
 
@@ -61,6 +64,7 @@ def make_inputs(op, batch: int, heads: int, n: int, head_dim: int, dtype=torch.f
         return t.requires_grad_(requires_grad)
     q, k, v = (rand(batch, H, n, head_dim) for _ in range(3))
     extra = {name: rand(length, head_dim) for name, length in op.ir.params}
+    extra.update({name: rand(rows, width) for name, rows, width in op.ir.tables})   # bias tables [H, width]
     extra.update(runtime_example(op, batch, n, device))
     if any(isinstance(st.normaliser, Nested) for st in op.ir.stages):
         extra["c"] = rand(batch, H, n, head_dim)

@@ -105,6 +105,10 @@ class LunaState:
 def stage_state(stage: Stage):
     """The state a stage keeps while decoding (the stage reads queries and keys from the token stream)."""
     norm = stage.normaliser
+    if getattr(stage, "score", None) is not None:
+        from ..errors import PatternError
+        raise PatternError(f"stage {stage.name} has score terms ({stage.score.source()}), which decoding does not "
+                           "apply yet", hint="call the op on the new tokens with q_offset= over every key so far")
     if isinstance(norm, Softmax):
         return SoftmaxState(stage)
     if isinstance(norm, Linear):

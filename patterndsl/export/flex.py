@@ -201,8 +201,12 @@ def _stages(op, stage: str | None):
 
 
 def to_flex(op, stage: str | None = None, *, n_q: int | None = None, n_k: int | None = None,
-            runtime: dict | None = None, device=None, q_offset: int = 0):
-    """A FlexAttention `mask_mod(b, h, q_idx, kv_idx)` whose mask equals `op.mask(n_q, n_k, stage)`.
+            runtime: dict | None = None, device=None, q_offset: int = 0, score_mod: bool = False,
+            tables: dict | None = None):
+    """A FlexAttention `mask_mod(b, h, q_idx, kv_idx)` whose mask equals `op.mask(n_q, n_k, stage)`; with
+    `score_mod=True` the pair `(mask_mod, score_mod)`, the score terms as `score_mod(score, b, h, q_idx, kv_idx)`
+    (identity for stages without terms; `tables` maps bias tables to tensors `[H, width]`, see
+    `export/flex_scores.py`).
 
     Per-head programs (`heads[a:b] attend ...`) select each head's mask by `h`. `random(...)` masks need
     the lengths `n_q`, `n_k` (the draw depends on them); `same(name)` masks need `runtime={name: ids}`
@@ -233,6 +237,9 @@ def to_flex(op, stage: str | None = None, *, n_q: int | None = None, n_k: int | 
             return out
     mask_mod.__name__ = f"{op.name}_mask_mod"
     mask_mod.__qualname__ = mask_mod.__name__
+    if score_mod:
+        from .flex_scores import score_mod_of
+        return mask_mod, score_mod_of(_stages(op, stage), tables, q_offset)
     return mask_mod
 
 

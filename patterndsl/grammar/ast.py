@@ -141,10 +141,12 @@ class Let:
 
 @dataclass(frozen=True)
 class TensorParam:
-    """`param p[length]`: a learned tensor of `length` rows (Luna's packed queries), given at call time."""
+    """`param p[length]`: a learned tensor of `length` rows (Luna's packed queries), given at call time;
+    `param t[heads, width]`: a learned bias table `[heads, width]` (read by `t5_bias`)."""
     name: str
     length: Expr
     span: Span = _span()
+    width: Expr | None = None
 
 
 @dataclass(frozen=True)

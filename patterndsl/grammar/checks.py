@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..errors import PatternError, did_you_mean
 from . import ast
-from .signatures import CONSTANTS, INDEX_VARS, INPUT, OPTIONS, SIGNATURES
+from .signatures import CONSTANTS, INDEX_VARS, INPUT, OPTIONS, SCORE_FUNCS, SCORE_VARS, SIGNATURES
 
 
 def check_module(module: ast.Module) -> None:
@@ -29,6 +29,7 @@ class _Checker:
         self.values: set[str] = set()      # NAME = expr
         self.stages: dict[str, ast.Attend] = {}
         self.tensors: set[str] = set()     # param p[...]
+        self.tables: set[str] = set()      # param t[heads, width]: bias tables
 
     def run(self) -> None:
         for prm in self.p.params:
@@ -44,6 +45,8 @@ class _Checker:
                 self.values.add(st.name)
             elif isinstance(st, ast.TensorParam):
                 self.expr(st.length, where=False)
+                if st.width is not None:
+                    self.expr(st.width, where=False)
             elif isinstance(st, (ast.Let, ast.Attend)):
                 self.attend(st.value if isinstance(st, ast.Let) else st)
         self.outputs()
@@ -61,7 +64,7 @@ class _Checker:
                 raise PatternError(f"'{INPUT}' is the op's input and cannot be redefined", st.span)
             names[name] = st
             if isinstance(st, ast.TensorParam):
-                self.tensors.add(name)
+                (self.tables if st.width is not None else self.tensors).add(name)
             elif isinstance(st.value, ast.Attend):
                 self.stages[name] = st.value
 
@@ -69,7 +72,8 @@ class _Checker:
     def known(self) -> list[str]:
         return list(self.params) + sorted(self.values) + list(CONSTANTS)
 
-    def expr(self, e: ast.Expr, where: bool) -> None:
+    def expr(self, e: ast.Expr, where: bool | str) -> None:
+        """Check names and calls; `where` is True inside where(...), "bias" inside a bias (i, j, h visible)."""
         stack = [e]
         while stack:
             node = stack.pop()
@@ -77,8 +81,8 @@ class _Checker:
                 self.name(node, where)
             elif isinstance(node, ast.Call):
                 self.call(node, where)
-                inner = node.func == "where" or where
-                if node.func in ("same", "nested"):
+                inner = True if node.func == "where" else where
+                if node.func in ("same", "nested", "t5_bias"):
                     continue
                 for a in list(node.args) + [k.value for k in node.kwargs]:
                     self.expr(a, inner)
@@ -94,14 +98,19 @@ class _Checker:
     def name(self, n: ast.Name, where: bool) -> None:
         if n.id in self.params or n.id in self.values or n.id in CONSTANTS:
             return
+        if where == "bias" and n.id in SCORE_VARS:
+            return
         if n.id in INDEX_VARS:
             if where:
                 return
-            raise PatternError(f"`{n.id}` only means something inside where(...)", n.span,
-                               hint="write the condition as where(...)")
+            raise PatternError(f"`{n.id}` only means something inside where(...) or a bias", n.span,
+                               hint="write the condition as where(...), or the score term as `, bias = ...`")
+        if n.id == "h":
+            raise PatternError("`h` (the head) only means something inside a bias", n.span,
+                               hint="write the score term as `, bias = ...`")
         if n.id in SIGNATURES:
             raise PatternError(f"'{n.id}' needs arguments", n.span, hint=SIGNATURES[n.id].describe())
-        if n.id in self.stages or n.id in self.tensors or n.id == INPUT:
+        if n.id in self.stages or n.id in self.tensors or n.id in self.tables or n.id == INPUT:
             raise PatternError(f"'{n.id}' is a tensor source, not a value", n.span,
                                hint="sources go after `query` or `keys`")
         raise PatternError(f"unknown name '{n.id}'", n.span,
@@ -130,11 +139,27 @@ class _Checker:
         if missing:
             raise PatternError(f"{c.func} is missing its argument '{missing[0]}'", c.span, hint=sig.describe())
         if c.func == "where" and where:
-            raise PatternError("where(...) cannot be nested inside where(...)", c.span)
+            raise PatternError("where(...) cannot be nested inside " + ("a bias" if where == "bias" else "where(...)"),
+                               c.span, hint="masks go in `over`; a bias is a number per pair" if where == "bias"
+                               else None)
+        if c.func in SCORE_FUNCS and where != "bias":
+            raise PatternError(f"{c.func}(...) is a score term: it only means something inside a bias", c.span,
+                               hint=f"write it as `, bias = {c.func}(...)`")
+        if c.func == "t5_bias":
+            arg = c.args[0] if c.args else next(k.value for k in c.kwargs if k.name == "table")
+            if not (isinstance(arg, ast.Name) and arg.id in self.tables):
+                got = arg.id if isinstance(arg, ast.Name) else "an expression"
+                name = arg.id if isinstance(arg, ast.Name) else "rel"
+                raise PatternError(f"t5_bias(...) reads a bias table `param NAME[heads, buckets]`, got {got}",
+                                   arg.span, hint=did_you_mean(got, self.tables)
+                                   or f"declare it first: param {name}[heads, 32]")
         if c.func in ("same", "nested"):
             arg = c.args[0] if c.args else c.kwargs[0].value
             if not isinstance(arg, ast.Name):
                 raise PatternError(f"{c.func} takes a name", arg.span)
+            if c.func == "nested" and arg.id in self.tables:
+                raise PatternError(f"'{arg.id}' is a bias table, nested(...) needs packed queries `param "
+                                   f"{arg.id}[length]`", arg.span)
             if c.func == "nested" and arg.id not in self.tensors:
                 raise PatternError(f"nested(...) needs a tensor param, '{arg.id}' is not one", arg.span,
                                    hint=did_you_mean(arg.id, self.tensors) or f"declare it: param {arg.id}[16]")
@@ -151,6 +176,9 @@ class _Checker:
         for src in (a.query, a.keys):
             if src is None or src.id == INPUT or src.id in self.stages or src.id in self.tensors:
                 continue
+            if src.id in self.tables:
+                raise PatternError(f"'{src.id}' is a bias table, not a source of queries or keys", src.span,
+                                   hint=f"read it in a bias: , bias = t5_bias({src.id})")
             if src.id in self.params or src.id in self.values:
                 raise PatternError(f"'{src.id}' is a value, not a stage or input", src.span)
             raise PatternError(f"unknown stage '{src.id}'", src.span,
@@ -163,7 +191,7 @@ class _Checker:
             if opt.name in seen:
                 raise PatternError(f"option '{opt.name}' is given twice", opt.span)
             seen.add(opt.name)
-            self.expr(opt.value, where=False)
+            self.expr(opt.value, where="bias" if opt.name == "bias" else False)
         if a.heads is not None:
             self.expr(a.heads.start, where=False)
             self.expr(a.heads.stop, where=False)

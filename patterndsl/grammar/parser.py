@@ -106,7 +106,7 @@ class _Build:
     let_value = let_attend
 
     def tensor_stmt(self, meta, items):
-        return ast.TensorParam(str(items[0]), items[1], _span(items[0]))
+        return ast.TensorParam(str(items[0]), items[1], _span(items[0]), items[2] if len(items) > 2 else None)
 
     def return_stmt(self, meta, items):
         return ast.Return(tuple(items), _span(meta))

@@ -89,7 +89,8 @@ def print_stmt(s: ast.Stmt) -> str:
         value = print_attend(s.value) if isinstance(s.value, ast.Attend) else print_expr(s.value)
         return f"{s.name} = {value}"
     if isinstance(s, ast.TensorParam):
-        return f"param {s.name}[{print_expr(s.length)}]"
+        width = f", {print_expr(s.width)}" if s.width is not None else ""
+        return f"param {s.name}[{print_expr(s.length)}{width}]"
     if isinstance(s, ast.Return):
         return "return " + ", ".join(n.id for n in s.names)
     raise TypeError(f"not a statement: {s!r}")

@@ -3,7 +3,8 @@
 The checker uses this table for arity, keyword names and "did you mean" hints; `ir/lower.py` maps each
 name to its IR constructor. Types: int, float (an int is accepted), bool, set, str, mask, featuremap,
 normaliser; `pred` is a boolean expression over `i` and `j` (only inside `where`); `input` is the name of
-a runtime tensor (only `same`); `tensor` is the name of a `param` (only `nested`).
+a runtime tensor (only `same`); `tensor` is the name of a `param` (only `nested`); `table` the name of a
+bias table `param t[heads, width]` (only `t5_bias`).
 
 >>> SIGNATURES["sliding"].describe()
 'sliding(width: int, dilation: int = 1) -> mask'
@@ -80,6 +81,12 @@ SIGNATURES: dict[str, Signature] = {s.name: s for s in [
     _sig("linear", "normaliser", "phi(Q) (phi(K)^T V) / (phi(Q) phi(K)^T 1)", Arg("phi", "featuremap")),
     _sig("nested", "normaliser", "causal Luna: attention through the packed queries of a param",
          Arg("packed", "tensor")),
+    # score terms (only inside `, bias = ...`)
+    _sig("alibi_slope", "float", "ALiBi's slope of head `head` among `heads` (Press et al. 2022)",
+         Arg("head", "int"), Arg("heads", "int")),
+    _sig("t5_bias", "float", "table[h, bucket(j - i)], T5's relative-position buckets (Raffel et al. 2020)",
+         Arg("table", "table"), Arg("buckets", "int", 32), Arg("max_distance", "int", 128),
+         Arg("bidirectional", "bool", True)),
 ]}
 
 # Nullary names usable bare (`over full`, `attend softmax`, `linear(elu1)`), with the type they denote.
@@ -89,7 +96,12 @@ CONSTANTS: dict[str, str] = {
 }
 
 # Options after an attend: `, causal = true`, `, scale = 0.125`.
-OPTIONS: dict[str, str] = {"causal": "bool", "scale": "float"}
+OPTIONS: dict[str, str] = {"causal": "bool", "scale": "float", "bias": "float", "softcap": "float",
+                           "far": "featuremap"}
+
+# Names inside `, bias = ...`: query position, key position, head; and the functions only a bias may call.
+SCORE_VARS = ("i", "j", "h")
+SCORE_FUNCS = ("alibi_slope", "t5_bias")
 
 # Names with a fixed meaning in sources: `query input`, `keys input`.
 INPUT = "input"

@@ -6,12 +6,15 @@ dropped), and `verify`.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..errors import PatternError, Span, did_you_mean
 from ..grammar import ast
 from ..grammar.limits import check_param, check_ranges
 from . import mask as M
 from .program import INPUT, Linear, Nested, ProgramIR, Softmax, Stage
 from .values import Env, evaluate, expect, type_name
+from .scores.lower import bias_table, score_option, stage_score
 from .verify import verify
 
 
@@ -112,7 +115,9 @@ def lower_body(pattern: ast.Pattern, params: dict) -> ProgramIR:
     order: list[str] = []
 
     for k, st in enumerate(pattern.body):
-        if isinstance(st, ast.TensorParam):
+        if isinstance(st, ast.TensorParam) and st.width is not None:
+            env.tables[st.name] = bias_table(st, env)
+        elif isinstance(st, ast.TensorParam):
             length = expect(evaluate(st.length, env), "int", st.length.span, f"the length of param '{st.name}'")
             if length < 1:
                 raise PatternError(f"param '{st.name}' must have at least 1 row, got {length}", st.length.span)
@@ -144,18 +149,25 @@ def lower_body(pattern: ast.Pattern, params: dict) -> ProgramIR:
     if by_heads:
         outputs = _check_heads([stages[n] for n in anonymous], [spans[n] for n in anonymous])
     bindings = tuple((k, sorted(v) if isinstance(v, frozenset) else v) for k, v in params.items())
-    return schedule(pattern.name, stages, outputs, tuple(tensor_params), by_heads, bindings, spans)
+    prog = schedule(pattern.name, stages, outputs, tuple(tensor_params), by_heads, bindings, spans)
+    read = {t for s in prog.stages if s.score is not None for t in s.score.tables()}
+    return replace(prog, tables=tuple((n, *hw) for n, hw in env.tables.items() if n in read))
 
 
 def _stage(name: str, att: ast.Attend, env: Env) -> Stage:
     norm = expect(evaluate(att.normaliser, env), "normaliser", att.normaliser.span, "the normaliser")
     mask = M.FULL if att.mask is None else expect(evaluate(att.mask, env), "mask", att.mask.span, "`over`")
     over_span = att.mask.span if att.mask is not None else att.span
+    terms: dict = {}
+    causal = False
     for opt in att.options:
+        if opt.name in ("bias", "softcap", "far"):
+            terms[opt.name] = score_option(opt, env, evaluate)
+            continue
         v = evaluate(opt.value, env)
         if opt.name == "causal":
             if expect(v, "bool", opt.value.span, "the option causal"):
-                mask = M.inter(mask, M.CAUSAL)
+                mask, causal = M.inter(mask, M.CAUSAL), True
         elif opt.name == "scale":
             v = expect(v, "float", opt.value.span, "the option scale")
             if not isinstance(norm, Softmax):
@@ -190,7 +202,9 @@ def _stage(name: str, att: ast.Attend, env: Env) -> Stage:
             raise PatternError(f"head range heads[{a}:{b}] is empty", att.heads.span,
                                hint="heads[a:b] takes heads a .. b-1, so b must exceed a")
         heads = (a, b)
-    return Stage(name, norm, mask, att.query.id if att.query else INPUT, att.keys.id if att.keys else INPUT, heads)
+    score = stage_score(terms, att, norm, mask, causal) if terms else None
+    return Stage(name, norm, mask, att.query.id if att.query else INPUT, att.keys.id if att.keys else INPUT, heads,
+                 score)
 
 
 def _check_heads(stages: list[Stage], spans: list[Span]) -> tuple[str, ...]:

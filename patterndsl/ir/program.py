@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .mask import CAUSAL, FULL, Mask, to_source
+from .scores import Score
 
 INPUT = "input"
 
@@ -75,6 +76,7 @@ class Stage:
     Sources are `input` (the op's q, or its k and v), a tensor param, or another stage's output.
     For linear and nested stages the mask is FULL or CAUSAL (checked by the verifier).
     `heads` = (start, stop) restricts the stage to those heads (per-head hybrids).
+    `score` holds a softmax stage's score terms (bias, soft cap, far field; None: plain scores).
     """
     name: str
     normaliser: Normaliser
@@ -82,6 +84,7 @@ class Stage:
     query: str = INPUT
     keys: str = INPUT
     heads: tuple[int, int] | None = None
+    score: Score | None = None
 
     @property
     def causal(self) -> bool:
@@ -101,7 +104,9 @@ class Stage:
         else:
             norm = f"nested({n.packed})"
         heads = f"heads[{self.heads[0]}:{self.heads[1]}] " if self.heads else ""
-        return f"{heads}{self.name} = attend {norm} query {self.query} keys {self.keys} over {to_source(self.mask)}"
+        terms = f", {self.score.source()}" if self.score is not None else ""
+        return (f"{heads}{self.name} = attend {norm} query {self.query} keys {self.keys} over "
+                f"{to_source(self.mask)}{terms}")
 
 
 def _fm(fm: FeatureMap) -> str:
@@ -121,7 +126,8 @@ class ProgramIR:
 
     When `by_heads` is true the stages carry head ranges that tile `[0, num_heads)` and the op returns their
     outputs concatenated over heads (`outputs` lists them in head order).
-    `params` are the learned tensors (`param p[length]`) as (name, length) pairs.
+    `params` are the learned tensors (`param p[length]`) as (name, length) pairs; `tables` the learned bias
+    tables (`param t[heads, width]`) as (name, heads, width).
     """
     name: str = field(compare=False)
     stages: tuple[Stage, ...]
@@ -129,6 +135,7 @@ class ProgramIR:
     params: tuple[tuple[str, int], ...] = ()
     by_heads: bool = False
     bindings: tuple[tuple[str, object], ...] = field(default=(), compare=False)
+    tables: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def num_heads(self) -> int | None:
@@ -166,6 +173,7 @@ class ProgramIR:
         """A readable listing of the IR (not `.attn` source: the normal form, one stage per line)."""
         lines = [f"program {self.name}"]
         lines += [f"  param {n}[{length}]" for n, length in self.params]
+        lines += [f"  param {n}[{h}, {w}]" for n, h, w in self.tables]
         lines += ["  " + s.describe() for s in self.stages]
         lines.append(f"  return {', '.join(self.outputs)}" + (" (concatenated over heads)" if self.by_heads else ""))
         return "\n".join(lines)

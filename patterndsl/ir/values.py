@@ -15,6 +15,8 @@ from ..grammar.limits import FEATURE_LIMIT, INT_LIMIT as _LIMIT
 from ..grammar.signatures import CONSTANTS, SIGNATURES
 from . import mask as M
 from . import predicate as P
+from . import scores as S
+from .scores.build import score_binary, score_call, score_unary
 from .program import Elu1, Favor, Linear, Nested, ReluFeatures, Softmax
 
 _SET_LIMIT = 1 << 24  # most elements a set may hold
@@ -27,6 +29,8 @@ class Env:
     values: dict = field(default_factory=dict)
     tensors: set = field(default_factory=set)
     in_where: bool = False
+    in_score: bool = False                       # inside `, bias = ...`: i, j, h are score variables
+    tables: dict = field(default_factory=dict)   # bias tables: name -> (heads, width)
 
 
 def type_name(v) -> str:
@@ -50,6 +54,8 @@ def type_name(v) -> str:
         return "int"  # an index expression inside where
     if isinstance(v, (P.Cmp, P.Logic)):
         return "bool"
+    if isinstance(v, S.Term):
+        return "float"   # a bias: a float per (i, j, h)
     return type(v).__name__
 
 
@@ -96,6 +102,8 @@ def evaluate(e: ast.Expr, env: Env):
 def _name(e: ast.Name, env: Env):
     if env.in_where and e.id in ("i", "j") and e.id not in env.values:
         return P.Var(e.id)
+    if env.in_score and e.id in S.VARS and e.id not in env.values:
+        return S.Var(e.id)
     if e.id in env.values:
         return env.values[e.id]
     if e.id in CONSTANTS:
@@ -125,6 +133,8 @@ def _as_pred(v, span: Span):
 
 
 def _unary(e: ast.UnaryOp, v):
+    if isinstance(v, S.Term):
+        return score_unary(e, v)
     if e.op == "~":
         return M.complement(expect(v, "mask", e.operand.span, "the operand of `~`"))
     if e.op == "not":
@@ -144,6 +154,8 @@ _CMP = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a 
 
 def _binary(e: ast.BinOp, a, b):
     op = e.op
+    if isinstance(a, S.Term) or isinstance(b, S.Term):
+        return score_binary(e, a, b)
     if _is_pred(a) or _is_pred(b):
         return _binary_pred(e, a, b)
     if isinstance(a, M.Mask) or isinstance(b, M.Mask):
@@ -222,6 +234,8 @@ def _call(e: ast.Call, env: Env):
         if not isinstance(pred, (P.Cmp, P.Logic)):
             raise _err("where(...) needs a condition (a comparison or and/or/not)", bound["predicate"].span)
         return M.Where(pred)
+    if e.func in S.SCORE_CALLS or (env.in_score and e.func in S.FUNCS):
+        return score_call(e, bound, env, lambda x: evaluate(x, env))
     if e.func in ("same", "nested"):   # the checker has made sure the argument is a name
         arg = bound[sig.args[0].name]
         return M.Same(arg.id) if e.func == "same" else Nested(arg.id)

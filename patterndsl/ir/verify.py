@@ -47,6 +47,10 @@ def verify(prog: ProgramIR) -> None:
             _check(st.normaliser.packed in dict(prog.params), f"nested stage reads non-param {st.normaliser.packed}")
         if st.heads is not None:
             _check(0 <= st.heads[0] < st.heads[1], f"bad head range {st.heads}")
+        if st.score is not None:
+            _check(isinstance(st.normaliser, Softmax), f"stage '{st.name}' has score terms but is not softmax")
+            for t in st.score.tables():
+                _check(t in {n for n, _, _ in prog.tables}, f"stage '{st.name}' reads undeclared table {t}")
         seen.add(st.name)
     _check(bool(prog.outputs), "program has no outputs")
     for out in prog.outputs:

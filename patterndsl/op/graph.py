@@ -80,6 +80,9 @@ def _run_stage(op, be, st: Stage, call: Call, values: dict) -> torch.Tensor:
     norm = st.normaliser
     if q.shape[0] == 0 or (not isinstance(norm, Softmax) and (q.shape[2] == 0 or k.shape[2] == 0)):
         return _empty(q, k, v, (c, p))       # no batch row, or no query or key of a linear form: zeros
+    if isinstance(norm, Softmax) and st.score is not None:   # score terms: the backend's scored path
+        from .scores import run_scored
+        return run_scored(be, st, q, k, v, kpm, call, offset)
     run = stage_lowering(op, st, q, k, v, kpm, 0 if p is None else p.shape[2], offset).run
     if isinstance(norm, Softmax):
         scale = norm.scale if norm.scale is not None else q.shape[-1] ** -0.5

@@ -84,9 +84,11 @@ class InspectionMixin:
         return emit_program(self.ir, **constexprs)
 
     def to_flex(self, stage: str | None = None, *, n_q: int | None = None, n_k: int | None = None,
-                runtime: dict | None = None, device=None, q_offset: int = 0):
+                runtime: dict | None = None, device=None, q_offset: int = 0, score_mod: bool = False,
+                tables: dict | None = None):
         """A FlexAttention `mask_mod(b, h, q_idx, kv_idx)` computing the same mask as
         `op.mask(n_q, n_k, q_offset=q_offset)`; `random(...)` masks need the lengths, `same(...)` masks the
-        runtime ids (`export.flex.to_flex`)."""
+        runtime ids (`export.flex.to_flex`); `score_mod=True` returns `(mask_mod, score_mod)` (score terms)."""
         from ..export.flex import to_flex
-        return to_flex(self, stage, n_q=n_q, n_k=n_k, runtime=runtime, device=device, q_offset=q_offset)
+        return to_flex(self, stage, n_q=n_q, n_k=n_k, runtime=runtime, device=device, q_offset=q_offset,
+                       score_mod=score_mod, tables=tables)

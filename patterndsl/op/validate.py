@@ -51,7 +51,7 @@ class Call:
 
 def input_names(ir: ProgramIR) -> tuple[str, ...]:
     """Keyword inputs a program's op accepts besides q, k, v, key_padding_mask and q_offset."""
-    names = [n for n, _ in ir.params]
+    names = [n for n, _ in ir.params] + [n for n, _, _ in ir.tables]
     for st in ir.stages:
         names += M.runtime_inputs(st.mask)
         if isinstance(st.normaliser, Nested):
@@ -60,6 +60,9 @@ def input_names(ir: ProgramIR) -> tuple[str, ...]:
 
 
 def input_hint(ir: ProgramIR, name: str) -> str:
+    tables = {n: (h, w) for n, h, w in ir.tables}
+    if name in tables:
+        return f"pass {name}=<tensor [{tables[name][0]}, {tables[name][1]}]> (a learned bias table, q's dtype)"
     if name in dict(ir.params):
         return f"pass {name}=<tensor [{dict(ir.params)[name]}, D]> (learned packed queries)"
     if name == NESTED_KEYS:
@@ -80,6 +83,7 @@ def check_call(ir: ProgramIR, q, k, v, key_padding_mask, q_offset, inputs: dict)
     runtime = {name: runtime_pair(name, inputs[name], B, n_q, n_k, offset, q.device)
                for st in ir.stages for name in M.runtime_inputs(st.mask)}
     params = {name: expand_param(name, inputs[name], q, length) for name, length in ir.params}
+    params.update((name, check_table(name, inputs[name], q, h, w)) for name, h, w in ir.tables)
     c = inputs.get(NESTED_KEYS)
     if NESTED_KEYS in input_names(ir):
         check_pack_keys(c, q, k)
@@ -256,3 +260,15 @@ def check_pack_keys(c, q, k) -> None:
                            f"{getattr(c, 'dtype', type(c).__name__)} {shape_text(c)}")
     if c.device != q.device:
         raise PatternError(f"c (pack keys) must be on q's device {q.device}, got {c.device}")
+
+
+def check_table(name: str, t, q, heads: int, width: int) -> torch.Tensor:
+    """A learned bias table `[heads, width]` of q's dtype and device; `heads` must be q's head count."""
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != (heads, width):
+        raise PatternError(f"{name} (a bias table) must be a tensor [{heads}, {width}], got {shape_text(t)}")
+    if t.dtype != q.dtype or t.device != q.device:
+        raise PatternError(f"{name} must match q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, {t.device}")
+    if q.shape[1] != heads:
+        raise PatternError(f"{name} has one row per head ({heads}), but q has {q.shape[1]} heads",
+                           hint="set the pattern's head count to match q")
+    return t

@@ -47,6 +47,8 @@ def stage_costs(st: Stage, head_dim: int, elt_bytes: int, n_q: sympy.Expr = N, n
         p = pairs(st.mask) if (n_q, n_k) == (N, N) else n_q * n_k * (0 if st.mask == M.EMPTY else 1)
         flops = 4 * d * p
         memory = n_q * d * elt_bytes + n_q * 4  # output + log-sum-exp per row; never an N x N score matrix
+        if st.score is not None:
+            flops, memory = _score_costs(st.score, p, flops, memory, d, elt_bytes, n_q, n_k)
     elif isinstance(st.normaliser, Linear):
         m = getattr(st.normaliser.feature_map, "features", d)
         p = N ** 2 / 2 if st.causal else N ** 2
@@ -59,6 +61,19 @@ def stage_costs(st: Stage, head_dim: int, elt_bytes: int, n_q: sympy.Expr = N, n
         memory = 2 * N * length * 4
     return {"pairs": sympy.simplify(p), "flops": sympy.simplify(flops), "bytes": (2 * n_q + 2 * n_k) * d * elt_bytes,
             "memory": sympy.simplify(memory)}
+
+
+def _score_costs(score, p, flops, memory, d, elt_bytes, n_q, n_k):
+    """A scored stage runs the explicit path: the terms per pair, and its score tiles kept for the backward
+    (scores and probabilities of every allowed pair); a far field adds FAVOR+ features, totals and the near
+    pairs' feature products (docs/language.md §5.6)."""
+    flops = flops + score.pair_flops() * p
+    memory = memory + 2 * p * elt_bytes
+    if score.far is not None:
+        m = score.far.favor.features
+        flops = flops + 2 * (n_q + n_k) * m * d + 4 * n_k * m * d + 4 * n_q * m * d + 2 * m * p
+        memory = memory + (n_q + n_k) * m * elt_bytes + m * d * 4 + p * elt_bytes
+    return flops, memory
 
 
 def crossover(flops: sympy.Expr, head_dim: int) -> float | None:

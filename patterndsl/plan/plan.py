@@ -98,7 +98,8 @@ def _stage_lines(s: StagePlan, n: int) -> list[str]:
            f"  kernel  {s.kernel}", f"  why     {s.why}", "  candidates (predicted time per call):"]
     for c in sorted(s.candidates, key=lambda c: (c.predicted is None, c.predicted or 0.0)):
         if c.predicted is None:
-            out.append(f"      {c.name:<26} does not apply: {c.why_not}")
+            out.append(f"    ->{c.name:<26} {c.why_not}" if c.chosen else
+                       f"      {c.name:<26} does not apply: {c.why_not}")
             continue
         once = f" + {fmt_seconds(c.once)} once" if c.once else ""
         note = f"  ({c.note})" if c.note else ""
@@ -171,10 +172,21 @@ def _stage_plan(st: Stage, problem: Problem, choice: Choice, consts, seq_len, he
                   for cd in choice.candidates)
     heads = "all" if st.heads is None else f"{st.heads[0]}:{st.heads[1]}"
     cls = "O(1)" if sympy.simplify(flops) == 0 else complexity(flops)
-    return StagePlan(st.name, problem.kind, choice.chosen.backend, choice.why,
-                     f"{choice.chosen.name}: {choice.chosen.summary}", heads, M.to_source(st.mask), lines, block,
-                     tiles, c["pairs"], flops, sympy.simplify(c["bytes"]), c["memory"], cls,
+    kernel, why = f"{choice.chosen.name}: {choice.chosen.summary}", choice.why
+    if st.score is not None:     # score terms run on the backend's scored path, not on a softmax lowering
+        kernel, why, lines = _scored(st, choice.chosen.backend)
+    return StagePlan(st.name, problem.kind, choice.chosen.backend, why, kernel, heads, M.to_source(st.mask), lines,
+                     block, tiles, c["pairs"], flops, sympy.simplify(c["bytes"]), c["memory"], cls,
                      beats_dense_from(problem, choice, consts))
+
+
+def _scored(st: Stage, backend: str):
+    """(kernel, why, candidates) of a stage with score terms (docs/language.md §5.5-5.6)."""
+    what = ("exact near-field tiles plus FAVOR+ totals minus near terms" if st.score.far is not None
+            else "gathered tiles of the mask with the terms applied (explicit scores, autograd or generated kernels)")
+    note = "no calibrated time model for score terms yet: their cost is the FLOPs and memory below"
+    return (f"{backend}.scored: {what}", f"score terms ({st.score.source()}) run on the backend's scored path",
+            (CandidateLine(f"{backend}.scored", None, 0.0, note, True, ""),))
 
 
 # ------------------------------------------------------------------------------------- against dense

@@ -28,6 +28,21 @@ class ReferenceBackend:
         H = q.shape[1]
         return softmax_attention(q, repeat_kv(k, H), repeat_kv(v, H), allowed, scale, key_padding_mask)[0]
 
+    def scored(self, stage, q, k, v, *, scale, key_padding_mask=None, runtime=None, q_offset=0, head_offset=0,
+               tables=None, projection=None):
+        """A softmax stage with score terms (bias, soft cap) or a far field (docs/language.md §5.5)."""
+        from .scores import near_far_softmax, scored_softmax
+        n_q, n_k, H = q.shape[2], k.shape[2], q.shape[1]
+        near = dense_mask(stage.mask, n_q, n_k, runtime, device=q.device, q_offset=q_offset)
+        k, v = repeat_kv(k, H), repeat_kv(v, H)
+        far = stage.score.far
+        if far is None:
+            return scored_softmax(q, k, v, near, scale, stage.score, tables or {}, key_padding_mask, q_offset,
+                                  head_offset)
+        from ...ir import mask as M
+        base = dense_mask(M.CAUSAL if far.causal else M.FULL, n_q, n_k, device=q.device, q_offset=q_offset)
+        return near_far_softmax(q, k, v, near, base, projection, scale, key_padding_mask)
+
     def linear(self, stage, q, k, v, *, projection, key_padding_mask=None, q_offset=0):
         from .linear import linear_attention
         H = q.shape[1]

@@ -36,6 +36,9 @@ class TorchBackend:
     def kernel(self, stage, n_q: int, n_k: int) -> str:
         """The kernel a stage runs as at these lengths (for plans and reports)."""
         from ...ir.program import Linear, Softmax
+        if isinstance(stage.normaliser, Softmax) and stage.score is not None:
+            return ("near + far: exact tiles and FAVOR+ totals minus near terms" if stage.score.far is not None
+                    else "scored tiles (gathered nonempty tiles, score terms, autograd)")
         if isinstance(stage.normaliser, Softmax):
             if _short_full(stage, n_q, n_k):
                 return f"dense over the short side ({min(n_q, n_k)} rows; SDPA unless keys are padded)"
@@ -52,6 +55,17 @@ class TorchBackend:
         from .softmax import softmax_attention
         return softmax_attention(q, k, v, stage.mask, scale=scale, key_padding_mask=key_padding_mask,
                                  runtime=runtime, q_offset=q_offset)
+
+    def scored(self, stage, q, k, v, *, scale, key_padding_mask=None, runtime=None, q_offset=0, head_offset=0,
+               tables=None, projection=None):
+        """A softmax stage with score terms on gathered tiles (`scores.py`), or near + far (`near_far.py`)."""
+        if stage.score.far is not None:
+            from .near_far import near_far_attention
+            return near_far_attention(stage, q, k, v, projection, scale=scale, key_padding_mask=key_padding_mask,
+                                      runtime=runtime, q_offset=q_offset)
+        from .scores import scored_attention
+        return scored_attention(stage, q, k, v, scale=scale, key_padding_mask=key_padding_mask, runtime=runtime,
+                                q_offset=q_offset, head_offset=head_offset, tables=tables)
 
     def linear(self, stage, q, k, v, *, projection, key_padding_mask=None, q_offset=0):
         if _fused_favor(stage) and not projection.requires_grad:

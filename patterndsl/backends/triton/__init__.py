@@ -36,6 +36,11 @@ class TritonBackend:
         except ImportError as e:
             return f"cannot import triton: {e}"
         norm = stage.normaliser
+        if getattr(stage, "score", None) is not None:
+            from .scored import unsupported
+            why = unsupported(stage.score)
+            if why:
+                return f"{why} ({stage.score.source()})"
         if isinstance(norm, Linear) and not isinstance(norm.feature_map, (Favor, ReluFeatures, Elu1)):
             return f"no Triton kernel for the feature map {type(norm.feature_map).__name__}"
         return None
@@ -45,6 +50,8 @@ class TritonBackend:
         from ...ir.program import Softmax
         from .codegen import is_band
         norm = stage.normaliser
+        if isinstance(norm, Softmax) and getattr(stage, "score", None) is not None:
+            return "scored flash attention (generated score_tile and mask_tile on every tile of the layout)"
         if isinstance(norm, Softmax):
             walk = "band loop bounds" if is_band(stage.mask) else "tile list of the closed-form layout"
             return (f"block-sparse flash attention ({walk}; mask inlined on partial tiles only; long rows and "
@@ -64,6 +71,13 @@ class TritonBackend:
         from .softmax import run_softmax      # the op has checked the inputs; the kernels index kv heads
         return run_softmax(q, k, v, stage.mask, scale=scale, key_padding_mask=key_padding_mask, runtime=runtime,
                            q_offset=q_offset)
+
+    def scored(self, stage, q, k, v, *, scale, key_padding_mask=None, runtime=None, q_offset=0, head_offset=0,
+               tables=None, projection=None):
+        """A softmax stage with a bias (no learned tables) and/or a soft cap (`scored.py`)."""
+        from .scored import scored_attention
+        return scored_attention(stage, q, k, v, scale=scale, key_padding_mask=key_padding_mask, runtime=runtime,
+                                q_offset=q_offset, head_offset=head_offset)
 
     def linear(self, stage, q, k, v, *, projection, key_padding_mask=None, q_offset=0):
         from .favor import linear_attention   # the causal scan reads the offset itself

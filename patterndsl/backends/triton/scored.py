@@ -1,0 +1,89 @@
+"""Softmax with pointwise score terms on the Triton kernels of `scored_kernels.py`: the launcher and autograd.
+
+Runs stages whose terms are a bias without learned tables and/or a soft cap (tables and the far field are
+refused by `supports`). q, k, v are padded to head dims of a power of two >= 16 (zeros change no score);
+grouped kv heads are indexed by the kernels. The mask's tile layout (and its transpose, for dk and dv) comes
+from `plan/layout.py`; `mask_tile` and `score_tile` are generated (codegen.py, scores.py).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from ...plan.layout import tile_layout
+from .codegen import mask_module
+from .scored_kernels import scored_dkv_kernel, scored_dq_kernel, scored_fwd_kernel
+from .scores import score_module
+from .tiles import build_aux
+
+BLOCK = 16
+
+
+def unsupported(score) -> str | None:
+    """Why the Triton kernels cannot run these terms (None if they can)."""
+    if score.far is not None:
+        return "no Triton kernel for near + far yet"
+    if score.tables():
+        return "no Triton kernel for learned bias tables yet"
+    return None
+
+
+def _pad(x, width: int):
+    return torch.nn.functional.pad(x, (0, width - x.shape[-1])).contiguous() if x.shape[-1] != width else \
+        x.contiguous()
+
+
+def _width(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+class _Scored(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, stage, scale, key_padding_mask, runtime, q_offset, head0):
+        B, H, n_q, D = q.shape
+        n_k, DV = k.shape[2], v.shape[3]
+        lay = tile_layout(stage.mask, n_q, n_k, BLOCK, BLOCK, runtime or None, q_offset)
+        aux = build_aux(stage.mask, n_q, n_k, B, runtime, q.device, q_offset)
+        mods = (mask_module(stage.mask).mask_tile, score_module(stage.score).score_tile)
+        qp, kp, vp = _pad(q.float(), _width(D)), _pad(k.float(), _width(D)), _pad(v.float(), _width(DV))
+        kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else aux
+        out = torch.empty(B, H, n_q, vp.shape[3], device=q.device)
+        lse = torch.empty(B, H, n_q, device=q.device)
+        G = H // k.shape[1]
+        grid = (triton.cdiv(n_q, BLOCK), B * H)
+        scored_fwd_kernel[grid](qp, kp, vp, out, lse, lay.row_ptr.to(q.device), lay.col_idx.to(q.device), kpm, aux,
+                                scale, n_q, n_k, H, G, head0, q_offset, mask_tile=mods[0], score_tile=mods[1],
+                                HAS_KPM=key_padding_mask is not None, D=qp.shape[3], DV=vp.shape[3],
+                                BLOCK_M=BLOCK, BLOCK_N=BLOCK)
+        ctx.save_for_backward(qp, kp, vp, out, lse)
+        ctx.meta = (stage, scale, key_padding_mask, kpm, aux, lay, mods, G, head0, q_offset, D, DV, q.dtype)
+        return out[..., :DV].to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        qp, kp, vp, out, lse = ctx.saved_tensors
+        stage, scale, kpm_given, kpm, aux, lay, mods, G, head0, q_offset, D, DV, dtype = ctx.meta
+        B, H, n_q, _ = qp.shape
+        n_k = kp.shape[2]
+        do = _pad(dout.float(), vp.shape[3])
+        delta = (do * out).sum(-1).contiguous()
+        cap = stage.score.softcap or 0.0
+        common = dict(mask_tile=mods[0], score_tile=mods[1], HAS_KPM=kpm_given is not None, D=qp.shape[3],
+                      DV=vp.shape[3], BLOCK_M=BLOCK, BLOCK_N=BLOCK)
+        dq = torch.empty_like(qp)
+        scored_dq_kernel[(triton.cdiv(n_q, BLOCK), B * H)](
+            qp, kp, vp, do, lse, delta, dq, lay.row_ptr.to(qp.device), lay.col_idx.to(qp.device), kpm, aux, scale,
+            cap, n_q, n_k, H, G, head0, q_offset, **common)
+        tr = lay.transpose()
+        dk, dv = torch.empty_like(kp), torch.empty_like(vp)
+        scored_dkv_kernel[(triton.cdiv(n_k, BLOCK), B * kp.shape[1])](
+            qp, kp, vp, do, lse, delta, dk, dv, tr.row_ptr.to(qp.device), tr.col_idx.to(qp.device), kpm, aux,
+            scale, cap, n_q, n_k, H, G, head0, q_offset, **common)
+        return (dq[..., :D].to(dtype), dk[..., :D].to(dtype), dv[..., :DV].to(dtype),
+                None, None, None, None, None, None)
+
+
+def scored_attention(stage, q, k, v, *, scale, key_padding_mask=None, runtime=None, q_offset=0, head_offset=0):
+    """out `[B, H, N_q, D_v]` of a softmax stage with pointwise terms (no tables), on the Triton kernels."""
+    return _Scored.apply(q, k, v, stage, float(scale), key_padding_mask, runtime or {}, int(q_offset),
+                         int(head_offset))

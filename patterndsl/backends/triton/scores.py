@@ -1,0 +1,160 @@
+"""Triton source text for score terms: a stage's `Score.apply` (bias, soft cap) written by `TritonScoreOps` as
+a `@triton.jit` function, the way `codegen.py` writes mask predicates, for kernels to take as a constexpr.
+
+`score_tile(s, ia, j, h, T0, T1, W0, W1)`: `s` the scaled scores of a tile (float32), `ia` the absolute query
+positions and `j` the keys (broadcasting int tensors), `h` the head index (int), `T0`, `T1` the bias tables'
+pointers (row-major `[H, W0]`, `[H, W1]`; at most two tables per stage). Integer arithmetic runs in int64
+(positions stay exact, as in the IR), floats in float32; `/` by zero gives 0; `tanh(x)` is `1 - 2 / (exp(2x)
++ 1)` (exact limits at both ends, no overflow); T5 buckets are sums of threshold comparisons; ALiBi slopes a
+chain of `tl.where` over the heads. The generated statements hold only numbers and operators from the IR.
+
+The softmax kernels do not call it yet: until they do, the Triton backend refuses stages with score terms
+(`supports`), and `auto` runs them on torch. `score_grid` evaluates it on a tile (tests compare it with the
+torch evaluation of the same terms).
+
+>>> from patterndsl.ir.scores import Score, Bin, Var, Const, Fn
+>>> text = score_source(Score(Bin("*", Const(-0.5), Fn("abs", (Bin("-", Var("i"), Var("j")),)))), "_0")
+>>> print(text.split("h64 = h.to(tl.int64)")[1].strip())
+t0 = i64 - j64
+    t1 = tl.abs(t0)
+    t2 = -0.5 * t1.to(tl.float32)
+    t3 = s + t2
+    return t3
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import sys
+
+from ...errors import PatternError
+
+MAX_TABLES = 2
+
+
+class TritonScoreOps:
+    """Score ops as text. A value is `(text, is_float, const)`: Python numbers fold into literals; every
+    computed value is bound to a local (`t0 = ...`), so a shared subexpression is written once."""
+
+    def __init__(self, tables: tuple[str, ...]):
+        self.tables = tables
+        self.lines: list[str] = []
+
+    def _tmp(self, text: str, is_float: bool):
+        name = f"t{len(self.lines)}"
+        self.lines.append(f"{name} = {text}")
+        return (name, is_float, None)
+
+    def var(self, name):
+        return {"i": ("i64", False, None), "j": ("j64", False, None), "h": ("h64", False, None)}[name]
+
+    def const(self, v):
+        return self._lift(v)
+
+    @staticmethod
+    def _lift(x):
+        if isinstance(x, tuple):
+            return x
+        return (repr(float(x)) if isinstance(x, float) else f"({x})", isinstance(x, float), x)
+
+    @staticmethod
+    def _f(x) -> str:
+        text, is_float, const = x
+        if const is not None:
+            return repr(float(const))
+        return text if is_float else f"{text}.to(tl.float32)"
+
+    def bin(self, op, a, b):
+        a, b = self._lift(a), self._lift(b)
+        if op == "/":
+            if b[2] is not None:
+                return self._tmp(f"{self._f(a)} / {self._f(b)}", True) if b[2] != 0 else self._lift(0.0)
+            den = self._f(b)
+            return self._tmp(f"tl.where({den} == 0.0, 0.0, {self._f(a)} / tl.where({den} == 0.0, 1.0, {den}))",
+                             True)
+        if a[1] or b[1]:
+            return self._tmp(f"{self._f(a)} {op} {self._f(b)}", True)
+        return self._tmp(f"{a[0]} {op} {b[0]}", False)
+
+    def call(self, func, args):
+        args = [self._lift(a) for a in args]
+        if func == "abs":
+            return self._tmp(f"tl.abs({args[0][0]})", args[0][1])
+        fn = "tl.minimum" if func == "min" else "tl.maximum"
+        if args[0][1] or args[1][1]:
+            return self._tmp(f"{fn}({self._f(args[0])}, {self._f(args[1])})", True)
+        return self._tmp(f"{fn}({args[0][0]}, {args[1][0]})", False)
+
+    def cmp(self, op, a, b):
+        return (f"({self._lift(a)[0]} {op} {self._lift(b)[0]})", False, None)
+
+    def scaled_flag(self, cond, k: int):
+        return self._tmp(f"{cond[0]}.to(tl.int64) * {k}", False)
+
+    def tanh(self, x):
+        return self._tmp(f"1.0 - 2.0 / (tl.exp(2.0 * {self._f(x)}) + 1.0)", True)
+
+    def per_head(self, values):
+        out = "0.0"
+        for k in reversed(range(len(values))):
+            out = f"tl.where(h64 == {k}, {float(values[k])!r}, {out})"
+        return self._tmp(out, True)
+
+    def table(self, name, buckets, bucket):
+        k = self.tables.index(name)
+        return self._tmp(f"tl.load(T{k} + h64 * W{k} + {self._lift(bucket)[0]})", True)
+
+    def add_bias(self, s, bias):
+        return self._tmp(f"{self._f(s)} + {self._f(self._lift(bias))}", True)
+
+
+def score_source(score, suffix: str = "") -> str:
+    """The `score_tile{suffix}` function of a stage's pointwise terms."""
+    if score.far is not None:
+        raise PatternError("a far field has no pointwise score function", hint="it is a normaliser, not a term")
+    tables = score.tables()
+    if len(tables) > MAX_TABLES:
+        raise PatternError(f"the Triton score function reads at most {MAX_TABLES} bias tables, got {len(tables)}")
+    ops = TritonScoreOps(tables)
+    text = score.apply(("s", True, None), ops)[0]
+    head = ["i64 = ia.to(tl.int64)", "j64 = j.to(tl.int64)", "h64 = h.to(tl.int64)"]
+    return "\n".join(["", "@triton.jit", f"def score_tile{suffix}(s, ia, j, h, T0, T1, W0, W1):",
+                      *("    " + line for line in head + ops.lines), f"    return {text}"])
+
+
+@functools.lru_cache(maxsize=256)
+def score_module(score):
+    """The imported module holding `score_tile` for `score` (generated once, cached on disk)."""
+    from .codegen import cache_dir
+    src = "import triton\nimport triton.language as tl\n" + score_source(score) + "\n"
+    name = "patterndsl_score_" + hashlib.sha256(src.encode()).hexdigest()[:20]
+    if name in sys.modules:
+        return sys.modules[name]
+    path = os.path.join(cache_dir(), name + ".py")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(src)
+        os.replace(tmp, path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def score_grid(score, s, q_offset: int, head: int, tables: dict):
+    """`score_tile` on a whole (small) score matrix `s` `[n_q, n_k]` float32 of one head (for tests)."""
+    import torch
+
+    from .score_probe import score_probe_kernel
+    n_q, n_k = s.shape
+    names = score.tables()
+    ts = [tables[n].float().contiguous() for n in names] + [s.new_zeros(1, 1)] * (MAX_TABLES - len(names))
+    out = torch.empty_like(s)
+    bm, bn = (max(16, 1 << (x - 1).bit_length()) for x in (n_q, n_k))
+    score_probe_kernel[(1,)](s.contiguous(), out, n_q, n_k, q_offset, head, ts[0], ts[1], ts[0].shape[1],
+                             ts[1].shape[1], score_tile=score_module(score).score_tile, BM=bm, BN=bn)
+    return out
