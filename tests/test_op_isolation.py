@@ -77,3 +77,48 @@ def test_padded_keys_reach_nothing(name, backend, poison):
         assert_close(f"d{n}", grads_b[n], grads_a[n])
         if n in ("k", "v", "c"):
             assert not grads_b[n].masked_select(where.expand_as(grads_b[n])).any(), f"d{n} at padded keys"
+
+
+CAUSAL = {  # case id: (built-in, options, key-side inputs to poison)
+    "performer_causal": ("performer", dict(features=8, causal=True), "kv"),
+    "performer_relu_causal": ("performer", dict(features=8, kernel="relu", causal=True), "kv"),
+    "luna_causal": ("luna_causal", dict(length=L), "kvc"),
+}
+BAD = 11   # the poisoned key position: rows before it must not see it
+
+
+@pytest.mark.parametrize("poison", list(POISONS))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CAUSAL))
+def test_future_keys_reach_no_earlier_row(name, backend, poison):
+    """A non-finite value in a later key (k, v or pack keys c) changes no earlier row and no query gradient of a
+    loss over earlier rows, forward and backward (grouped kv heads and a query offset included); on the fast
+    backends no gradient at all."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    program, options, sides = CAUSAL[name]
+    op = pd.compile(program, backend=backend, **options)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, N - 3, D, generator=g, dtype=dtype)           # rows at positions 3 .. N - 1
+    keyed = {s: torch.randn(2, 2, N, D, generator=g, dtype=dtype) for s in sides}   # two kv heads
+    keep = {"p": torch.randn(L, D, generator=g, dtype=dtype)} if program == "luna_causal" else {}
+    rows = slice(0, BAD - 3)                                            # positions 3 .. BAD - 1
+
+    def run(inputs):
+        leaves = {n: t.detach().clone().requires_grad_() for n, t in {"q": q, **inputs, **keep}.items()}
+        out = op(leaves["q"], leaves["k"], leaves["v"], q_offset=3, **{n: leaves[n] for n in leaves if n in "cp"})
+        (out[:, :, rows] * torch.linspace(1, 2, D, dtype=dtype)).sum().backward()
+        return out.detach(), {n: t.grad for n, t in leaves.items()}
+
+    out_a, grads_a = run(keyed)
+    for side in sides:
+        bad = {s: t.clone() for s, t in keyed.items()}
+        bad[side][:, 1, BAD, 2] = POISONS[poison]                      # kv head 1 serves query heads 2, 3
+        out_b, grads_b = run(bad)
+        assert_close(f"rows before the poisoned {side}", out_b[:, :, rows], out_a[:, :, rows])
+        assert_close(f"heads not reading the poisoned {side}", out_b[:, :2], out_a[:, :2])
+        seen = torch.isfinite(out_b[:, 2:, BAD - 3:]).all(-1)
+        assert not seen.any(), "every row that sees the poisoned key holds a non-finite value"
+        assert_close(f"dq of earlier rows (poisoned {side})", grads_b["q"][:, :, rows], grads_a["q"][:, :, rows])
+        if backend != "reference":   # the dense reference's backward meets the poison in rows that see it
+            for n in grads_a:        # (0 * nan under a zero upstream gradient); the fast backends stay exact
+                assert_close(f"d{n} (poisoned {side})", grads_b[n], grads_a[n])

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import PatternError
 from ..ir.program import INPUT, Linear, Nested, Softmax, Stage
+from .causal import run_isolated
 from .lowered import stage_lowering
 from .validate import Call
 
@@ -87,10 +88,14 @@ def _run_stage(op, be, st: Stage, call: Call, values: dict) -> torch.Tensor:
     if isinstance(norm, Softmax):
         scale = norm.scale if norm.scale is not None else q.shape[-1] ** -0.5
         return run(st, q, k, v, scale=scale, key_padding_mask=kpm, runtime=call.runtime, q_offset=offset)
+    kw = dict(key_padding_mask=kpm, q_offset=offset)
     if isinstance(norm, Linear):
-        w = op.projection(st, q.shape[-1], q.device, q.dtype)
-        return run(st, q, k, v, projection=w, key_padding_mask=kpm, q_offset=offset)
-    return run(st, q, k, v, p=p, c=c, key_padding_mask=kpm, q_offset=offset)
+        kw["projection"] = op.projection(st, q.shape[-1], q.device, q.dtype)
+    else:
+        kw["p"] = p
+    if st.causal and be.name != "reference":       # the reference is the dense definition: nothing to guard
+        return run_isolated(lambda *a, **x: run(st, *a, **x), q, k, v, c, offset, **kw)
+    return run(st, q, k, v, **({"c": c} if isinstance(norm, Nested) else {}), **kw)
 
 
 def select_rows(call: Call, rows: torch.Tensor, offset: int) -> Call:

@@ -1,0 +1,40 @@
+"""Causal linear and nested stages keep their promise about dependence: a non-finite value in a key-side input
+(k, v, or causal Luna's pack keys c) at position j reaches no row before j, on every backend.
+
+Chunked scans and kernels contract over key positions with matmuls, where a later key's NaN or Inf enters an
+earlier row as `0 * nan`. So the fast backends run on key-side inputs with non-finite positions set to 0, and
+the rows that see such a position (query position >= j) are set to NaN afterwards, as the dense definition
+makes them. Their gradients stay finite; rows that must not look are exact. Cost: one finiteness pass over
+the key-side inputs and a prefix count, O(N D). The reference backend is the dense definition itself and runs
+untouched.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def bad_keys(*keyed: torch.Tensor | None) -> torch.Tensor | None:
+    """`[B, H_kv, N_k]`: whether any key-side tensor `[B, H_kv, N_k, D]` holds a non-finite value there."""
+    bad = None
+    for t in keyed:
+        if t is not None:
+            b = ~torch.isfinite(t).all(-1)
+            bad = b if bad is None else bad | b
+    return bad
+
+
+def run_isolated(run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor | None, offset: int,
+                 **kw) -> torch.Tensor:
+    """`run(q, k, v, c=..., **kw)` (c passed only when given) with non-finite key positions zeroed and the
+    rows that see them set to NaN. Query row r is at position `offset + r` and sees keys 0 .. offset + r."""
+    bad = bad_keys(k, v, c)
+    zero = bad[..., None]
+    k, v = k.masked_fill(zero, 0.0), v.masked_fill(zero, 0.0)
+    if c is not None:
+        kw["c"] = c.masked_fill(zero, 0.0)
+    out = run(q, k, v, **kw)
+    n_q, n_k = q.shape[2], k.shape[2]
+    last = (torch.arange(n_q, device=q.device) + offset).clamp(max=n_k - 1)   # the last key row r sees
+    seen = (bad.cumsum(-1) > 0).index_select(-1, last)                        # [B, H_kv, N_q]
+    seen = seen.repeat_interleave(q.shape[1] // k.shape[1], dim=1)            # query head h reads kv head h // G
+    return out.masked_fill(seen[..., None], float("nan"))
