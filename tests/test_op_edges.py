@@ -35,3 +35,9 @@ def test_feature_count_is_bounded(fmap):
         pd.parse(f"pattern p() {{ attend linear({fmap}(100000)) }}")
     assert "^" in str(e.value)
     pd.parse(f"pattern p() {{ attend linear({fmap}(65536)) }}")
+
+
+def test_half_precision_inputs_are_scored_in_float32():
+    q, k, v = (torch.randn(1, 1, 6, 4, dtype=torch.float16) for _ in range(3))
+    out = _scaled("1e5")(q, k, v)          # beyond float16's range, inside float32's: allowed
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()

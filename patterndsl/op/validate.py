@@ -106,7 +106,8 @@ def silence_padding(key_padding_mask, *keyed):
 
 def check_scales(ir: ProgramIR, dtype: torch.dtype) -> None:
     """A softmax `scale` must survive the cast to the compute dtype: one that becomes inf gives NaN, and one that
-    becomes 0 silently gives uniform weights."""
+    becomes 0 silently gives uniform weights. Half-precision inputs are scored in float32 by every backend."""
+    dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     info = torch.finfo(dtype)
     for st in ir.stages:
         scale = st.normaliser.scale if isinstance(st.normaliser, Softmax) else None
