@@ -218,8 +218,13 @@ def cache_dir() -> str:
 def mask_module(mask: M.Mask):
     """The imported module holding `mask_tile` and `tile_full` for `mask` (generated once per mask)."""
     src = "\n".join(_header(M.to_source(mask), {})) + "\n" + _HELPERS + mask_source(mask) + "\n"
-    digest = hashlib.sha256(src.encode()).hexdigest()[:20]
-    name = f"patterndsl_mask_{digest}"
+    return load_generated("patterndsl_mask", src)
+
+
+def load_generated(prefix: str, src: str):
+    """Generated source `src` as an imported module named by its hash (written to the cache dir once, atomically;
+    Triton's JIT needs a real file to read the source from)."""
+    name = f"{prefix}_{hashlib.sha256(src.encode()).hexdigest()[:20]}"
     if name in sys.modules:
         return sys.modules[name]
     path = os.path.join(cache_dir(), name + ".py")

@@ -24,10 +24,6 @@ t0 = i64 - j64
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
-import os
-import sys
 
 from ...errors import PatternError
 
@@ -127,22 +123,9 @@ def score_source(score, suffix: str = "") -> str:
 @functools.lru_cache(maxsize=256)
 def score_module(score):
     """The imported module holding `score_tile` for `score` (generated once, cached on disk)."""
-    from .codegen import cache_dir
+    from .codegen import load_generated
     src = "import triton\nimport triton.language as tl\n" + score_source(score) + "\n"
-    name = "patterndsl_score_" + hashlib.sha256(src.encode()).hexdigest()[:20]
-    if name in sys.modules:
-        return sys.modules[name]
-    path = os.path.join(cache_dir(), name + ".py")
-    if not os.path.exists(path):
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(src)
-        os.replace(tmp, path)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_generated("patterndsl_score", src)
 
 
 def score_grid(score, s, q_offset: int, head: int, tables: dict):
