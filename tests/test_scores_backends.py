@@ -151,18 +151,19 @@ def test_a_missing_table_is_named():
     assert "needs the input 'rel'" in info.value.message and "[4, 16]" in info.value.hint
 
 
-def test_triton_refuses_tables_and_far_fields_and_auto_never_picks_it():
+def test_triton_refuses_more_table_terms_than_its_kernels_read():
+    """Triton runs tables and far fields (test_scores_triton.py, test_near_far.py); a bias with three table terms
+    is refused with the reason, and `auto` runs it elsewhere."""
     from patterndsl.backends import get_backend
-    op = compile_("full", "auto")
-    assert "no Triton kernel for learned bias tables yet" in get_backend("triton").supports(op.ir.stages[0], "cuda")
+    src = SRC.format(mask="full", terms="bias = t5_bias(rel, 16) + t5_bias(rel, 16, 9, false) + t5_bias(rel, 16, 60)")
+    op = pd.compile(src, backend="auto")
+    why = "at most 2 bias tables in at most 2 terms, got 1 in 3"
+    assert why in get_backend("triton").supports(op.ir.stages[0], "cuda")
+    assert get_backend("triton").supports(compile_("full", "auto").ir.stages[0], "cuda") is None
     assert set(op.backends("cpu").values()) == {"torch"}
     with pytest.raises(pd.PatternError) as info:
-        compile_("full", "triton").backends("cuda")
-    assert "no Triton kernel for learned bias tables yet" in info.value.hint
-    far = pd.compile("pattern f() { attend softmax over sliding(2), far = favor(4) }", backend="triton")
-    with pytest.raises(pd.PatternError) as info:
-        far.backends("cuda")
-    assert "no Triton kernel for near + far yet" in info.value.hint
+        pd.compile(src, backend="triton").backends("cuda")
+    assert why in info.value.hint
 
 
 def test_a_backend_without_score_terms_refuses_the_stage():

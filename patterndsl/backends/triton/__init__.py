@@ -74,10 +74,15 @@ class TritonBackend:
 
     def scored(self, stage, q, k, v, *, scale, key_padding_mask=None, runtime=None, q_offset=0, head_offset=0,
                tables=None, projection=None):
-        """A softmax stage with a bias (no learned tables) and/or a soft cap (`scored.py`)."""
+        """A softmax stage with a bias, learned tables and/or a soft cap (`scored.py`), or near + far
+        (`near_far.py`)."""
+        if stage.score.far is not None:
+            from .near_far import near_far_attention
+            return near_far_attention(stage, q, k, v, projection, scale=scale, key_padding_mask=key_padding_mask,
+                                      runtime=runtime, q_offset=q_offset)
         from .scored import scored_attention
         return scored_attention(stage, q, k, v, scale=scale, key_padding_mask=key_padding_mask, runtime=runtime,
-                                q_offset=q_offset, head_offset=head_offset)
+                                q_offset=q_offset, head_offset=head_offset, tables=tables)
 
     def linear(self, stage, q, k, v, *, projection, key_padding_mask=None, q_offset=0):
         from .favor import linear_attention   # the causal scan reads the offset itself
