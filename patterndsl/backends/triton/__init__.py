@@ -51,7 +51,11 @@ class TritonBackend:
         from .codegen import is_band
         norm = stage.normaliser
         if isinstance(norm, Softmax) and getattr(stage, "score", None) is not None:
-            return "scored flash attention (generated score_tile and mask_tile on every tile of the layout)"
+            if stage.score.far is not None:
+                return ("near + far: flash attention and the near keys' FAVOR+ feature products on the near tiles "
+                        "(Triton), far totals minus near terms (torch, O(N m d))")
+            tables = " and per-program table-gradient bucket sums" if stage.score.tables() else ""
+            return f"scored flash attention (generated score_tile and mask_tile on every tile of the layout{tables})"
         if isinstance(norm, Softmax):
             walk = "band loop bounds" if is_band(stage.mask) else "tile list of the closed-form layout"
             return (f"block-sparse flash attention ({walk}; mask inlined on partial tiles only; long rows and "

@@ -64,16 +64,17 @@ class _Scored(torch.autograd.Function):
         ctx.save_for_backward(qp, kp, vp, out, lse)
         ctx.meta = (stage, scale, key_padding_mask, kpm, aux, lay, mods, G, head0, q_offset, D, DV, q.dtype)
         ctx.tables = (tabs, widths, [None if t is None else (t.shape, t.dtype) for t in (t0, t1)])
-        return out[..., :DV].to(q.dtype)
+        return out[..., :DV].to(q.dtype), lse
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, dlse):
         qp, kp, vp, out, lse = ctx.saved_tensors
         stage, scale, kpm_given, kpm, aux, lay, mods, G, head0, q_offset, D, DV, dtype = ctx.meta
         B, H, n_q, _ = qp.shape
         n_k = kp.shape[2]
         do = _pad(dout.float(), vp.shape[3])
-        delta = (do * out).sum(-1).contiguous()
+        delta = (do * out).sum(-1)           # a gradient of the lse adds dlse * p to dS: delta - dlse
+        delta = (delta if dlse is None else delta - dlse.float()).contiguous()
         cap = stage.score.softcap or 0.0
         tabs, widths, shapes = ctx.tables
         common = dict(mask_tile=mods[0], score_tile=mods[1], HAS_KPM=kpm_given is not None, D=qp.shape[3],
@@ -121,4 +122,11 @@ def scored_attention(stage, q, k, v, *, scale, key_padding_mask=None, runtime=No
     bias tables the terms read to tensors `[heads, width]`."""
     ts = [(tables or {})[n] for n in stage.score.tables()] + [None] * (MAX_TABLES - len(stage.score.tables()))
     return _Scored.apply(q, k, v, *ts, stage, float(scale), key_padding_mask, runtime or {}, int(q_offset),
+                         int(head_offset))[0]
+
+
+def scored_with_lse(stage, q, k, v, *, scale, key_padding_mask=None, runtime=None, q_offset=0, head_offset=0):
+    """(out, lse `[B, H, N_q]` float32, -inf on rows with no key) of a stage without tables; both differentiable
+    (near + far combines them with its far sums)."""
+    return _Scored.apply(q, k, v, None, None, stage, float(scale), key_padding_mask, runtime or {}, int(q_offset),
                          int(head_offset))
