@@ -65,6 +65,19 @@ def test_default_subset_compiles_within_limits(rows):
     assert {r["arch"] for r in rows} == {90, 80}
 
 
+def test_scored_kernels_compile_for_hopper_without_spills(rows):
+    """The scored kernels (examples alibi, t5_bias, gemma2; window_favor at m = 64 and 256) compile for sm_90 with
+    no spills, though they compute in float32 (which `problems` lets spill), including the table-gradient dq pass
+    (SITES=1) and the near field's feature-product kernels."""
+    scored = [r for r in rows if r["kernel"].startswith(("scored_", "near_feat_"))]
+    assert {r["kernel"] for r in scored} == {"scored_fwd_kernel", "scored_dq_kernel", "scored_dkv_kernel",
+                                             "near_feat_fwd_kernel", "near_feat_dq_kernel", "near_feat_dkv_kernel"}
+    assert any("SITES=1" in r["config"] for r in scored), "no table-gradient launch captured"
+    for r in scored:
+        assert r["arch"] == 90 and "error" not in r["result"], r
+        assert r["result"]["spill_stores"] == 0 and r["result"]["spill_loads"] == 0, (r["kernel"], r["config"])
+
+
 def test_block_sparse_loops_are_pipelined(rows):
     """K/V (Q/dO in dk/dv) tiles load with cp.async inside the loop, and Hopper runs every dot on wgmma."""
     for r in rows:

@@ -1,6 +1,7 @@
 """Ahead-of-time compilation of the Triton kernels for a GPU on a machine without one: compile, check, report.
 
-The launches come from `aot_capture.capture` (the launchers' own choices, through the public path).
+The launches come from `aot_capture.capture` (the launchers' own choices, through the public path), the
+scored kernels (bias, tables, soft cap, near + far) included.
 `compile_launch` compiles one launch with `triton.compile` for the target and reads shared memory, registers
 and spills (ptxas -v), the dots' lowering (wgmma, mma.sync or FMA) and the pipelining of loads inside loops
 (TTGIR, PTX). Results are cached on disk, keyed by the kernel's source hash, options, target and Triton

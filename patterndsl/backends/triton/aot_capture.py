@@ -34,9 +34,10 @@ class Workload:
 
     @property
     def name(self) -> str:
+        pattern = self.pattern.split("(")[0].replace("pattern ", "")
         opts = ",".join(f"{k}={v}" for k, v in self.params)
         ext = "".join(f" {k}" for k, _ in self.extra if k == "kpm")
-        return f"{self.pattern}({opts}) {self.dtype} D={self.D} N={self.N // 1024}k{ext}"
+        return f"{pattern}({opts}) {self.dtype} D={self.D} N={self.N // 1024}k{ext}"
 
 
 def _lf(dt, D, N, **kw):
@@ -48,8 +49,29 @@ def default_plan() -> list[tuple[int, list[Workload]]]:
     configurations that differ there (dk/dv options, causal Luna's shared memory at l = 128)."""
     luna = Workload("luna_causal", (("length", 128),), "bf16", 64, 16384, extra=(("p", 128), ("c", 1)))
     return [(90, [_lf("bf16", 64, 16384), Workload("sliding_window", (("window", 4096),), "bf16", 128, 16384),
-                  Workload("performer", (("features", 256), ("causal", True)), "bf16", 64, 65536), luna]),
+                  Workload("performer", (("features", 256), ("causal", True)), "bf16", 64, 65536), luna,
+                  *scored_workloads()]),
             (80, [_lf("fp16", 128, 4096), luna])]
+
+
+ALIBI = """pattern alibi(heads: int = 16, causal: bool = true) {
+    attend softmax, causal = causal, bias = -alibi_slope(h, heads) * abs(i - j)
+}"""
+T5 = """pattern t5_bias(heads: int = 16, buckets: int = 32, max_distance: int = 128, bidirectional: bool = true) {
+    param rel[heads, buckets]
+    attend softmax, causal = not bidirectional, scale = 1.0, bias = t5_bias(rel, buckets, max_distance, bidirectional)
+}"""
+GEMMA2 = """pattern gemma2(local: bool = true, window: int = 4096, cap: float = 50.0, scale: float = 0.0625) {
+    attend softmax over if local then window(window - 1, 0) else causal, causal = true, scale = scale, softcap = cap
+}"""
+
+
+def scored_workloads() -> list[Workload]:
+    """Softmax stages with score terms (examples/alibi, t5_bias, gemma2; the built-in window_favor) at 4k."""
+    return [Workload(ALIBI, (), "bf16", 64, 4096), Workload(T5, (), "bf16", 64, 4096, extra=(("table:rel", 32),)),
+            Workload(GEMMA2, (("window", 1024),), "bf16", 128, 4096),
+            Workload("window_favor", (("window", 128), ("features", 64)), "bf16", 64, 4096),
+            Workload("window_favor", (("window", 512), ("features", 256), ("causal", False)), "bf16", 128, 4096)]
 
 
 def workloads(full: bool = True) -> list[Workload]:
@@ -255,6 +277,8 @@ def _inputs(w: Workload):
             extra["c"] = torch.empty(w.B, H, w.N, w.D, **meta)
         elif name == "kpm":
             kpm = torch.zeros(w.B, w.N, dtype=torch.bool, device="meta")
+        elif name.startswith("table:"):                      # a bias table [H, width]
+            extra[name[6:]] = torch.empty(H, value, **meta)
     return q, k, v, kpm, extra
 
 
@@ -266,14 +290,18 @@ def capture(items: list[Workload], arch: int) -> list[Launch]:
         for w in items:
             q, k, v, kpm, extra = _inputs(w)
             op = pd.compile(w.pattern, backend="triton", **dict(w.params))
+            scored = any(st.score is not None for st in op.ir.stages)     # autograd functions, not custom ops
+            leaves = [x.requires_grad_() for x in (q, k, v, *extra.values())] if scored else []
             queue: list = []
             tok = _BACKWARDS.set(queue)
             try:
                 _PHASE.set((w.name, "fwd"))
-                op(q, k, v, key_padding_mask=kpm, **extra)
+                out = op(q, k, v, key_padding_mask=kpm, **extra)
                 _PHASE.set((w.name, "bwd"))
-                for backward, args, out in queue:
-                    backward(args, out)
+                for backward, args, out_ in queue:
+                    backward(args, out_)
+                if leaves:
+                    torch.autograd.grad(out, leaves, torch.empty_like(out), allow_unused=True)
             finally:
                 _BACKWARDS.reset(tok)
     return list(launches.values())

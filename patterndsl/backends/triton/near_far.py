@@ -25,7 +25,7 @@ from ...plan.layout import tile_layout
 from ..torch.near_far import features, key_features
 from .codegen import mask_module
 from .near_far_kernels import near_feat_dkv_kernel, near_feat_dq_kernel, near_feat_fwd_kernel
-from .scored import BLOCK, _pad, _width, scored_with_lse
+from .scored import BLOCK, _pad, _width, dkv_warps, scored_with_lse
 from .tiles import build_aux
 
 CHUNK = 64
@@ -71,7 +71,7 @@ class _NearFeatures(torch.autograd.Function):
         dpk, dv = torch.empty_like(pkp), torch.empty_like(vp)
         near_feat_dkv_kernel[(triton.cdiv(n_k, BLOCK), B * pkp.shape[1])](
             pqp, pkp, vp, da, dasum, dpk, dv, tr.row_ptr.to(pqp.device), tr.col_idx.to(pqp.device), kpm, aux, n_q,
-            n_k, H, G, **common)
+            n_k, H, G, num_warps=dkv_warps(pkp.shape[3], vp.shape[3]), **common)
         return dpq[..., :m].to(pdtype), dpk[..., :m].to(pdtype), dv[..., :DV].to(vdtype), None, None, None, None
 
 

@@ -40,6 +40,12 @@ def _width(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def dkv_warps(*widths: int) -> int:
+    """Warps of the dk/dv passes: a key block holds k, v, dk, dv (and the query tiles it visits) in float32, which
+    spills at 4 warps from head dims of 128 (sm_90, ptxas); 8 warps share them."""
+    return 8 if max(widths) > 64 else 4
+
+
 class _Scored(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, t0, t1, stage, scale, key_padding_mask, runtime, q_offset, head0):
@@ -92,7 +98,8 @@ class _Scored(torch.autograd.Function):
         dk, dv = torch.empty_like(kp), torch.empty_like(vp)
         scored_dkv_kernel[(triton.cdiv(n_k, BLOCK), B * kp.shape[1])](
             qp, kp, vp, do, lse, delta, dk, dv, tr.row_ptr.to(qp.device), tr.col_idx.to(qp.device), kpm, aux,
-            *tabs, *widths, scale, cap, n_q, n_k, H, G, head0, q_offset, **common)
+            *tabs, *widths, scale, cap, n_q, n_k, H, G, head0, q_offset,
+            num_warps=dkv_warps(qp.shape[3], vp.shape[3]), **common)
         return (dq[..., :D].to(dtype), dk[..., :D].to(dtype), dv[..., :DV].to(dtype),
                 *_table_grads(part, sites, stage.score.tables(), shapes, head0, H),
                 None, None, None, None, None, None, None)
