@@ -216,3 +216,52 @@ def test_decoding_refuses_score_terms_rather_than_dropping_them():
     with pytest.raises(pd.PatternError) as info:
         compile_("sliding(w)", "torch", causal=True).cache()
     assert "has score terms" in info.value.message and "q_offset" in info.value.hint
+
+
+DECODE_SRC = """pattern dec(heads: int = 4) {
+    param rel[heads, 16]
+    heads[0:2] attend softmax over sliding(6) | global({1}), causal = true,
+        bias = -alibi_slope(h, heads) * abs(i - j) + t5_bias(rel, 16, 40, false), softcap = 2.5
+    heads[2:4] attend softmax over causal, bias = 0.5 * t5_bias(rel, 16, 40, false) * (j + 1) / (i + 1)
+}"""
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_decode_applies_score_terms(backend):
+    """Prefill (the backend's scored path) then one token at a time (the terms at the held keys' own positions,
+    after the window dropped old keys) equals the whole causal forward, tables and absolute heads included."""
+    g = torch.Generator().manual_seed(3)
+    n = 150
+    q = torch.randn(1, 4, n, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    rel = torch.randn(4, 16, generator=g, dtype=torch.float64)
+    kpm = torch.rand(1, n, generator=g) < 0.1
+    op = pd.compile(DECODE_SRC, backend=backend)
+    want = pd.compile(DECODE_SRC, backend="reference")(q, k, v, key_padding_mask=kpm, rel=rel)
+    cache = op.cache()
+    outs = [op.decode(q[:, :, :40], k[:, :, :40], v[:, :, :40], cache, key_padding_mask=kpm[:, :40], rel=rel)]
+    for t in range(40, n):
+        outs.append(op.decode(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], cache,
+                              key_padding_mask=kpm[:, t:t + 1], rel=rel))
+    assert cache.held()[op.ir.stages[0].name] < n                 # the window's old keys were dropped
+    assert_close("decode", torch.cat(outs, 2), want, atol=1e-12)
+
+
+def test_decode_refuses_a_far_field_with_the_reason():
+    op = pd.compile("window_favor", window=4, features=8, backend="torch")
+    with pytest.raises(pd.PatternError) as info:
+        op.cache()
+    assert "has a far field" in info.value.message and "q_offset=" in info.value.hint
+
+
+def test_attend_window_applies_score_terms():
+    """The transformers sliding-window cache path (keys from k_start on) applies the terms at their positions."""
+    from patterndsl.decode import attend_window
+    src = "pattern w(heads: int = 2) { attend softmax over sliding(5), causal = true, " \
+          "bias = -alibi_slope(h, heads) * abs(i - j), softcap = 1.5 }"
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 30, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    op = pd.compile(src, backend="reference")
+    want = op(q, k, v)[:, :, 20:]
+    got = attend_window(op, q[:, :, 20:], k[:, :, 14:], v[:, :, 14:], q_offset=20, k_start=14)
+    assert_close("window", got, want, atol=1e-12)

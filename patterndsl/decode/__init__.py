@@ -28,7 +28,7 @@ from ..ir.program import INPUT, Nested, Softmax
 from ..op.graph import stage_kv
 from ..op.validate import check_call, check_offset
 from .softmax import KeyBuffer, allowed_at, attend_at
-from .stages import stage_state
+from .stages import score_terms, stage_state
 
 __all__ = ["DecodeCache", "KeyBuffer", "allowed_at", "attend_at", "attend_window", "decode_step"]
 
@@ -107,6 +107,8 @@ def _stage_step(op, be, st, call, cache, valid, t):
         q, p = q[:, a:b], (p[:, a:b] if p is not None else None)
         k, v, c = (stage_kv(st.heads, x, call.groups) for x in (k, v, c))
     ids = {name: call.runtime[name][1] for name in M.runtime_inputs(st.mask)}   # the new tokens' ids
+    if getattr(st, "score", None) is not None:                                 # a scored stage reads its tables
+        p = {name: call.params[name] for name in st.score.tables()}
     return cache.states[st.name].step(op, be, q, k, v, valid, ids, c, p, t)
 
 
@@ -136,7 +138,11 @@ def attend_window(op, q, k, v, key_padding_mask=None, q_offset: int = 0, k_start
         if valid is not None:
             allowed = allowed & valid[:, None, :]
         scale = st.normaliser.scale if st.normaliser.scale is not None else q.shape[-1] ** -0.5
-        values[st.name] = attend_at(qs, ks, vs, allowed, scale)
+        terms = None
+        if st.score is not None:                 # pointwise terms (a far field is refused by stage_state)
+            stage_state(st)
+            terms = score_terms(st.score, q_offset, pos, st.heads[0] if st.heads else 0, qs.shape[1], call.params)
+        values[st.name] = attend_at(qs, ks, vs, allowed, scale, terms=terms)
     return _outputs(op, values)
 
 

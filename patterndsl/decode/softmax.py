@@ -44,10 +44,11 @@ def allowed_at(mask: Mask, n_q: int, q_offset: int, k_pos: torch.Tensor, n_total
     return out.expand(*out.shape[:out.dim() - 2], *full) if out.dim() > 2 else out.expand(full)
 
 
-def attend_at(q, k, v, allowed: torch.Tensor, scale: float, finite: bool | None = None) -> torch.Tensor:
+def attend_at(q, k, v, allowed: torch.Tensor, scale: float, finite: bool | None = None, terms=None) -> torch.Tensor:
     """Masked softmax attention. q `[B, H, n, D]`, k `[B, H_kv, K, D]`, v `[B, H_kv, K, D_v]`, allowed bool
     `[n, K]` or `[B, n, K]` (key padding included); `finite` says whether every key and value is finite (None:
-    look). Returns `[B, H, n, D_v]` in q's dtype."""
+    look); `terms(r, s)` applies a stage's score terms to the scaled scores `s` `[B, H_kv, G, n', K]` of rows
+    `r .. r + n' - 1` (None: none). Returns `[B, H, n, D_v]` in q's dtype."""
     dtype = q.dtype
     work = torch.float32 if dtype in _LOW else dtype
     q, k, v = q.to(work), k.to(work), v.to(work)
@@ -60,12 +61,13 @@ def attend_at(q, k, v, allowed: torch.Tensor, scale: float, finite: bool | None 
         k, v = torch.where(seen, k, 0.0), torch.where(seen, v, 0.0)
         rowwise = not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all()))
     step = 1 if rowwise else ROWS
-    outs = [_block(q[:, :, r:r + step], k, v, ok[:, r:r + step], scale, rowwise) for r in range(0, q.shape[2], step)]
+    outs = [_block(q[:, :, r:r + step], k, v, ok[:, r:r + step], scale, rowwise,
+                   None if terms is None else (lambda s, r=r: terms(r, s))) for r in range(0, q.shape[2], step)]
     out = torch.cat(outs, 2) if outs else q.new_zeros(*q.shape[:3], v.shape[3])
     return out.to(dtype)
 
 
-def _block(q, k, v, ok, scale, rowwise: bool):
+def _block(q, k, v, ok, scale, rowwise: bool, terms=None):
     B, H, n, D = q.shape
     Hk = k.shape[1]
     G = H // Hk
@@ -73,6 +75,8 @@ def _block(q, k, v, ok, scale, rowwise: bool):
         keep = ok[:, 0][:, None, :, None]
         k, v = torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)
     s = torch.matmul(q.reshape(B, Hk, G * n, D), k.transpose(-1, -2)).view(B, Hk, G, n, -1) * scale
+    if terms is not None:
+        s = terms(s)
     s = s.masked_fill(~ok[:, None, None], float("-inf"))
     m = s.amax(-1, keepdim=True)
     p = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))

@@ -23,7 +23,9 @@ def _work(x):
 
 
 class SoftmaxState:
-    """A softmax stage: its retained keys (`KeyBuffer`, the mask's `retained` rule)."""
+    """A softmax stage: its retained keys (`KeyBuffer`, the mask's `retained` rule). Pointwise score terms (bias,
+    learned tables, soft cap; docs/language.md §5.5) are applied at the queries' and the held keys' positions, on
+    the stage's absolute heads; `p` holds the stage's bias tables then."""
 
     def __init__(self, stage: Stage):
         self.stage = stage
@@ -38,15 +40,35 @@ class SoftmaxState:
         K, V, pos, ok, key_ids = buf.view()
         norm = self.stage.normaliser
         scale = norm.scale if norm.scale is not None else q.shape[-1] ** -0.5
-        if buf.contiguous and n > PREFILL_ROWS:                  # keys 0 .. t + n - 1: the op's own kernels
+        score = self.stage.score
+        head0 = self.stage.heads[0] if self.stage.heads else 0
+        if buf.contiguous and n > PREFILL_ROWS and (score is None or hasattr(be, "scored")):   # the op's kernels
             runtime = {name: (ids[name], key_ids[name]) for name in buf.names}
             kpm = None if bool(ok.all()) else ~ok
-            out = be.softmax(self.stage, q, K, V, scale=scale, key_padding_mask=kpm, runtime=runtime, q_offset=t)
+            if score is None:
+                out = be.softmax(self.stage, q, K, V, scale=scale, key_padding_mask=kpm, runtime=runtime, q_offset=t)
+            else:
+                out = be.scored(self.stage, q, K, V, scale=scale, key_padding_mask=kpm, runtime=runtime, q_offset=t,
+                                head_offset=head0, tables=p or {})
         else:
             allowed = allowed_at(self.stage.mask, n, t, pos, t + n, ids, key_ids) & ok[:, None, :]
-            out = attend_at(q, K, V, allowed, scale, buf.finite)
+            terms = None if score is None else score_terms(score, t, pos, head0, q.shape[1], p or {})
+            out = attend_at(q, K, V, allowed, scale, buf.finite, terms)
         buf.evict(t + n)
         return out
+
+
+def score_terms(score, t: int, pos, head0: int, heads: int, tables: dict):
+    """`terms(r, s)` for `attend_at`: the score terms on rows `t + r ..` against the held keys at `pos`."""
+    from ..ir.scores.ops import TorchScoreOps
+
+    def apply(r, s):                                   # s [B, H_kv, G, n, K]
+        Hk, G, n = s.shape[1], s.shape[2], s.shape[3]
+        i = (t + r + torch.arange(n, device=s.device))[:, None]
+        h = (head0 + torch.arange(heads, device=s.device)).reshape(Hk, G, 1, 1)
+        ops = TorchScoreOps(i, pos[None, :], h, {k: x.to(s.dtype) for k, x in tables.items()}, s.dtype)
+        return score.apply(s, ops)
+    return apply
 
 
 class LinearState:
@@ -105,10 +127,9 @@ class LunaState:
 def stage_state(stage: Stage):
     """The state a stage keeps while decoding (the stage reads queries and keys from the token stream)."""
     norm = stage.normaliser
-    if getattr(stage, "score", None) is not None:
-        from ..errors import PatternError
-        raise PatternError(f"stage {stage.name} has score terms ({stage.score.source()}), which decoding does not "
-                           "apply yet", hint="call the op on the new tokens with q_offset= over every key so far")
+    if getattr(stage, "score", None) is not None and stage.score.far is not None:
+        raise PatternError(f"stage {stage.name} has a far field ({stage.score.source()}), which decoding does not "
+                           "keep yet", hint="call the op on the new tokens with q_offset= over every key so far")
     if isinstance(norm, Softmax):
         return SoftmaxState(stage)
     if isinstance(norm, Linear):
