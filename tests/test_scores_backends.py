@@ -212,12 +212,6 @@ def test_flex_score_mod_errors():
     assert "has a far field" in info.value.message
 
 
-def test_decoding_refuses_score_terms_rather_than_dropping_them():
-    with pytest.raises(pd.PatternError) as info:
-        compile_("sliding(w)", "torch", causal=True).cache()
-    assert "has score terms" in info.value.message and "q_offset" in info.value.hint
-
-
 DECODE_SRC = """pattern dec(heads: int = 4) {
     param rel[heads, 16]
     heads[0:2] attend softmax over sliding(6) | global({1}), causal = true,
@@ -265,3 +259,29 @@ def test_attend_window_applies_score_terms():
     want = op(q, k, v)[:, :, 20:]
     got = attend_window(op, q[:, :, 20:], k[:, :, 14:], v[:, :, 14:], q_offset=20, k_start=14)
     assert_close("window", got, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask,q_offset", [("sliding(w) | global({1, 20})", 9), ("blocks(16) - sliding(1)", 0),
+                                           ("random(2, 16, 5)", 4)])
+def test_torch_bias_in_the_flash_kernel_equals_reference(mask, q_offset):
+    """A bias with no soft cap and a table without grad rides in the CPU flash kernel's float mask: outputs and
+    q, k, v gradients equal the reference (grouped heads, padding, rows that see only padding)."""
+    from patterndsl.backends.torch.scores import fused_bias
+    src = SRC.format(mask=mask, terms=TERMS).replace(", softcap = cap", "")
+    (q, k, v, rel), kpm = inputs()
+    v = torch.randn(2, 2, 70, 8, dtype=torch.float64, requires_grad=True)    # the kernel takes D_v == D
+    kpm[1, :40] = True                                                      # early rows of batch 1: no key
+    rel = rel.detach()
+    op = pd.compile(src, backend="torch", causal=True)
+    assert fused_bias(op.ir.stages[0], q, k, v, {"rel": rel})
+    assert not fused_bias(op.ir.stages[0], q, k, v, {"rel": rel.requires_grad_()})
+    rel = rel.detach()
+    g = torch.randn(2, 4, 45, 8, dtype=torch.float64)
+    res = []
+    for backend in ("reference", "torch"):
+        out = pd.compile(src, backend=backend, causal=True)(q, k, v, key_padding_mask=kpm, q_offset=q_offset, rel=rel)
+        res.append([out, *torch.autograd.grad(out, (q, k, v), g)])
+    assert bool((res[1][0][1, :, :5] == 0).all())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), res[1], res[0]):
+        assert bool(torch.isfinite(a).all()), name
+        assert_close(name, a, b, atol=1e-11, rtol=1e-10)
