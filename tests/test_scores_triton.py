@@ -1,6 +1,7 @@
 """Score terms on Triton: the generated text of the terms (`backends/triton/scores.py`) equals their torch
-evaluation, and the scored kernels (`scored.py`: bias and soft cap) equal the reference, outputs and every
-gradient, on random masks, offsets, padding and grouped heads (the interpreter on the CPU)."""
+evaluation, and the scored kernels (`scored.py`: bias, learned tables, soft cap) equal the reference, outputs and
+every gradient (the tables' included), on random masks, offsets, padding and grouped heads (the interpreter on
+the CPU)."""
 import os
 
 import pytest
