@@ -125,8 +125,8 @@ def _scan_fwd(qf, kf, r, vp, wv, e: float, c: int, decaying: bool):
         decay = tri.to(qf.dtype).expand(Z, nc, c, c)
     A = torch.matmul(Q, K.transpose(-1, -2)).mul_(decay)                            # [Z, nc, t, j]
     Y = torch.matmul(A, V)
-    Ks = K * torch.exp(R - rl[..., None])[..., None] if decaying else K
-    S = _carry(torch.matmul(Ks.transpose(-1, -2), V), rl if decaying else None, rref, False)
+    Vs = V * torch.exp(R - rl[..., None])[..., None] if decaying else V              # scale the narrow side
+    S = _carry(torch.matmul(K.transpose(-1, -2), Vs), rl if decaying else None, rref, False)
     QS = torch.matmul(Q, S)
     Y += QS.mul_(torch.exp(rref[..., None] - R)[..., None]) if decaying else QS
     y = Y.view(Z, nc * c, -1)[:, :N]
@@ -148,19 +148,14 @@ def _scan_bwd(dout, qf, kf, r, vp, wv, e: float, c: int, decaying: bool, out, y,
     Q, K, V, Gc = (_chunked(x, nc, c) for x in (qf, kf, vp, g))
     R, rl, rref = _stabilisers(r, nc, c)
     dgd = torch.matmul(Gc, V.transpose(-1, -2)).mul_(decay)                        # [Z, nc, t, j]
-    dQ = torch.matmul(Gc, S.transpose(-1, -2))
-    back_in = torch.exp(rref[..., None] - R)[..., None] if decaying else None
+    Gs = Gc * torch.exp(rref[..., None] - R)[..., None] if decaying else Gc          # rows read states: scaled
+    dQ = torch.matmul(Gs, S.transpose(-1, -2)).add_(torch.matmul(dgd, K))
+    P = _carry(torch.matmul(Q.transpose(-1, -2), Gs), rref if decaying else None, rl, True)   # [Z, nc, m, Dv + 1]
+    back = torch.exp(R - rl[..., None])[..., None] if decaying else None               # keys into P: scaled
+    dK = torch.matmul(V * back if decaying else V, P.transpose(-1, -2)).add_(torch.matmul(dgd.transpose(-1, -2), Q))
+    dV = torch.matmul(K, P)
     if decaying:
-        dQ.mul_(back_in)
-    dQ += torch.matmul(dgd, K)
-    U = torch.matmul((Q * back_in if decaying else Q).transpose(-1, -2), Gc)          # [Z, nc, m, Dv + 1]
-    P = _carry(U, rref if decaying else None, rl, True)
-    back_out = torch.exp(R - rl[..., None])[..., None] if decaying else None
-    dK = torch.matmul(V, P.transpose(-1, -2))
-    dV = torch.matmul(K * back_out if decaying else K, P)
-    if decaying:
-        dK.mul_(back_out)
-    dK += torch.matmul(dgd.transpose(-1, -2), Q)
+        dV.mul_(back)
     dV += torch.matmul(A.transpose(-1, -2), Gc)
     dqf, dkf, dvp = (x.view(Z, nc * c, -1)[:, :N] for x in (dQ, dK, dV))
     if not e:
@@ -168,9 +163,8 @@ def _scan_bwd(dout, qf, kf, r, vp, wv, e: float, c: int, decaying: bool, out, y,
     qsum = qf.sum(-1)
     sv_inc = _prefix(vp * wv[..., None], c)
     dr = -(g * (y - e * qsum[..., None] * sv_inc)).sum(-1)
-    dqf = dqf + (e * (g * sv_inc).sum(-1))[..., None]
-    qg = _prefix(qsum[..., None] * g, c, reverse=True)                                    # sum_{t >= j}
-    dvp = dvp + e * wv[..., None] * qg
+    dqf += (e * (g * sv_inc).sum(-1))[..., None]
+    dvp += _prefix(qsum[..., None] * g, c, reverse=True).mul_(e * wv[..., None])         # sum_{t >= j}
     return dqf, dkf, dr, dvp[..., :-1]
 
 
@@ -311,10 +305,13 @@ def causal_linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map, projec
     n = o + n_q
     valid = (torch.ones(B, k.shape[2], dtype=torch.bool, device=k.device) if key_padding_mask is None
              else ~key_padding_mask.to(k.device))
+    padded = key_padding_mask is not None or k.shape[2] < n
     k, v, valid = align_keys(n, k, v, valid)
     if Hk != H:                                    # grouped heads: each query head reads its kv head's keys
         k, v = k.repeat_interleave(H // Hk, 1), v.repeat_interleave(H // Hk, 1)
-    k, v = (torch.where(valid[:, None, :, None], x, 0.0).reshape(B * H, n, x.shape[3]) for x in (k, v))
+    if padded:
+        k, v = (torch.where(valid[:, None, :, None], x, 0.0) for x in (k, v))
+    k, v = (x.reshape(B * H, n, x.shape[3]) for x in (k, v))
     q = (torch.nn.functional.pad(q, (0, 0, o, 0)) if o else q).reshape(B * H, n, D)   # rows before o: discarded
     wv = valid[:, None].expand(B, H, n).reshape(B * H, n).to(work)
     m = w.shape[0] if w is not None else D
