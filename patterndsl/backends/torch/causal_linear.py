@@ -9,9 +9,9 @@ for relu and elu1), `e` the weight of FAVOR+'s `eps` part, `w_j` 1 for an unpadd
 
 The rows are cut into chunks of `c`; every step below is one batched product over all chunks at once:
 inside a chunk the masked `[c, c]` products; each chunk's key summary `T = sum_j kf_j exp(r_j - r_last) V'_j^T`;
-the states `S` (the sum of the earlier chunks' summaries, kept at the previous chunk's last stabiliser and
-rescaled by `exp(r_ref - r_new) <= 1`: a short loop of axpys over chunks, a plain exclusive cumsum when
-nothing decays); the rows' reads of their state. The eps part is one prefix sum over the sequence.
+the states `S` (the sum of the earlier chunks' summaries at the previous chunk's last stabiliser, each
+rescaled by `exp(r_ref - r_new) <= 1`: one product with the `[nc, nc]` matrix of those factors); the rows'
+reads of their state. The eps part is one prefix sum over the sequence (triangular products per chunk).
 Backward, with `g_t = dL/dy_t = [dout_t, -dout_t . out_t] / y_t[D]`, has the same shape in reverse:
 
     dqf_t = sum_j (g_t . V'_j) exp(r_j - r_t) kf_j + e (g_t . sum_{j<=t} w_j V'_j)
