@@ -88,3 +88,18 @@ def test_no_future_leak(fm):
         a, b = (CL.causal_linear_attention(q, kk, vv, MAPS[fm], w, chunk=8) for kk, vv in ((k, v), (k2, v2)))
         assert torch.equal(a[:, :, :t], b[:, :, :t]), f"row before {t} changed"
         assert not torch.allclose(a[:, :, t:], b[:, :, t:])
+
+
+def test_learned_projection_gradient_fp64():
+    """A projection that requires grad goes through the reference's features under autograd: its gradient too."""
+    fm = MAPS["favor"]
+    q, k, v, do = _data(1, 2, 2, 21, 21, 8, 11)
+    w0 = draw_projection(fm, 8)
+    grads = []
+    for fn in (lambda a, b, c, w: reference(a, b, c, fm, w, causal=True),
+               lambda a, b, c, w: CL.causal_linear_attention(a, b, c, fm, w, chunk=4)):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, w0)]
+        fn(*leaves).backward(do)
+        grads.append([x.grad for x in leaves])
+    for what, a, b in zip(("dq", "dk", "dv", "dw"), *grads):
+        assert (a - b).abs().max() <= 1e-10, what
