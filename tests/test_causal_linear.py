@@ -103,3 +103,27 @@ def test_learned_projection_gradient_fp64():
         grads.append([x.grad for x in leaves])
     for what, a, b in zip(("dq", "dk", "dv", "dw"), *grads):
         assert (a - b).abs().max() <= 1e-10, what
+
+
+def test_isolation_fast_path_and_exact_path():
+    """op/causal.run_isolated: all finite -> the inputs reach `run` untouched; a NaN key -> zeroed there and the
+    rows that see it NaN; finite keys whose sum overflows -> the exact path, which changes nothing."""
+    from patterndsl.op.causal import run_isolated
+    seen = []
+
+    def run(q, k, v):
+        seen.append(k)
+        return q[..., :v.shape[-1]] * 0 + v.sum(2, keepdim=True).nan_to_num(0) * 0 + 1
+
+    q, k, v, _ = _data(1, 2, 2, 6, 6, 4, 0)
+    q, k, v = q.float(), k.float(), v.float()
+    assert torch.equal(run_isolated(run, q, k, v, None, 0), torch.ones(1, 2, 6, 4)) and seen[-1] is k
+    bad = k.clone()
+    bad[0, 1, 3, 2] = float("nan")
+    out = run_isolated(run, q, bad, v, None, 0)
+    assert seen[-1] is not bad and seen[-1][0, 1, 3].eq(0).all() and torch.isfinite(seen[-1]).all()
+    assert torch.isnan(out[0, 1, 3:]).all() and torch.isfinite(out[0, 1, :3]).all() and torch.isfinite(out[0, 0]).all()
+    big = k.clone()
+    big[0, 0, :2, 0] = 3e38                                 # finite, but the sum overflows
+    out = run_isolated(run, q, big, v, None, 0)
+    assert seen[-1] is not big and torch.equal(seen[-1], big) and torch.equal(out, torch.ones(1, 2, 6, 4))
