@@ -4,9 +4,9 @@
 Chunked scans and kernels contract over key positions with matmuls, where a later key's NaN or Inf enters an
 earlier row as `0 * nan`. So the fast backends run on key-side inputs with non-finite positions set to 0, and
 the rows that see such a position (query position >= j) are set to NaN afterwards, as the dense definition
-makes them. Their gradients stay finite; rows that must not look are exact. Cost: one finiteness pass over
-the key-side inputs and a prefix count, O(N D). The reference backend is the dense definition itself and runs
-untouched.
+makes them. Their gradients stay finite; rows that must not look are exact. Cost: one sum per key-side input
+when all is finite; else a finiteness pass over them and a prefix count, O(N D). The reference backend is the
+dense definition itself and runs untouched.
 """
 from __future__ import annotations
 
@@ -23,10 +23,23 @@ def bad_keys(*keyed: torch.Tensor | None) -> torch.Tensor | None:
     return bad
 
 
+def all_finite(*keyed: torch.Tensor | None) -> bool:
+    """Whether every key-side tensor is finite, by one sum each: a NaN or Inf makes its sum non-finite, and a
+    finite sum that overflows only sends the call down the exact path. False while torch.compile traces (no
+    data-dependent branch in a graph: the exact path runs there)."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(bool(torch.isfinite(t.detach().sum())) for t in keyed if t is not None)
+
+
 def run_isolated(run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor | None, offset: int,
                  **kw) -> torch.Tensor:
     """`run(q, k, v, c=..., **kw)` (c passed only when given) with non-finite key positions zeroed and the
-    rows that see them set to NaN. Query row r is at position `offset + r` and sees keys 0 .. offset + r."""
+    rows that see them set to NaN. Query row r is at position `offset + r` and sees keys 0 .. offset + r.
+    When every key-side value is finite (`all_finite`), `run` gets the inputs untouched: the zeroing and the
+    NaN rows are identities then, and their passes (several times the scan's own cost at N = 1k) are skipped."""
+    if all_finite(k, v, c):
+        return run(q, k, v, **({"c": c} if c is not None else {}), **kw)
     bad = bad_keys(k, v, c)
     zero = bad[..., None]
     k, v = k.masked_fill(zero, 0.0), v.masked_fill(zero, 0.0)

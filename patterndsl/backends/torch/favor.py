@@ -40,14 +40,18 @@ def _exponent(x: Tensor, w: Tensor):
     return torch.matmul(xs, w.t()), xs, (xs * xs).sum(-1, keepdim=True) * 0.5
 
 
-def _key_stabiliser(u: Tensor, valid: Tensor | None):
-    """(c `[B, H]`, flat arg-max index into `[N * m]` `[B, H]`) over the valid keys; c = 0 if none is valid."""
+def _key_stabiliser(u: Tensor, valid: Tensor | None, arg: bool = False):
+    """c `[B, H]` over the valid keys (0 if none is valid), or with `arg` its flat arg-max index into `[N * m]`
+    (torch's max with indices is several times slower than amax: the forward takes only the value, the
+    backward the index, from the same recomputed u)."""
     flat = u.flatten(-2)
     if valid is not None:
         ok = valid[:, None, :, None].expand(u.shape).flatten(-2)
         flat = flat.masked_fill(~ok, float("-inf"))
-    c, arg = flat.max(-1)
-    return torch.where(torch.isfinite(c), c, torch.zeros_like(c)), arg
+    if arg:
+        return flat.argmax(-1)
+    c = flat.amax(-1)
+    return torch.where(torch.isfinite(c), c, torch.zeros_like(c))
 
 
 def _features(x, w, c, valid=None, exponent=None) -> Tensor:
@@ -73,11 +77,11 @@ def _ones_column(x: Tensor) -> Tensor:
 
 @torch.library.custom_op("patterndsl::torch_favor", mutates_args=())
 def _favor_op(q: Tensor, k: Tensor, v: Tensor, w: Tensor, key_padding_mask: Optional[Tensor],
-              eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(out, den, KVz = [KV, z], c_q, arg_q, c_k, arg_k)."""
+              eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, den, KVz = [KV, z], c_q, c_k)."""
     valid = _valid(key_padding_mask)
     xk = _exponent(k, w)
-    ck, argk = _key_stabiliser(xk[0], valid)
+    ck = _key_stabiliser(xk[0], valid)
     ek = _features(k, w, ck, valid, exponent=xk)
     vz = _ones_column(v if valid is None else v * valid[:, None, :, None])
     if valid is not None:
@@ -85,13 +89,13 @@ def _favor_op(q: Tensor, k: Tensor, v: Tensor, w: Tensor, key_padding_mask: Opti
     kvz = torch.matmul(ek.transpose(-1, -2), vz).add_(eps * vz.sum(-2, keepdim=True))     # [B, H, m, Dv + 1]
     del ek, xk
     xq = _exponent(q, w)
-    cq, argq = xq[0].max(-1)                                                                # [B, H, N_q]
+    cq = xq[0].amax(-1)                                                                     # [B, H, N_q]
     eq = _features(q, w, cq, exponent=xq)
     numden = torch.matmul(eq, kvz).add_(eps * kvz.sum(-2)[:, :, None])                     # [B, H, N_q, Dv + 1]
     den = numden[..., -1].clone()
     empty = den == 0                                                                        # no valid key
     out = numden[..., :-1].div(torch.where(empty, 1, den)[..., None]).masked_fill_(empty[..., None], 0.0)
-    return out, den, kvz, cq, argq, ck, argk
+    return out, den, kvz, cq, ck
 
 
 @_favor_op.register_fake
@@ -99,25 +103,28 @@ def _(q, k, v, w, key_padding_mask, eps):
     B, H, NQ, _ = q.shape
     m, Dv = w.shape[0], v.shape[3]
     return (q.new_empty(B, H, NQ, Dv), q.new_empty(B, H, NQ), q.new_empty(B, H, m, Dv + 1), q.new_empty(B, H, NQ),
-            q.new_empty(B, H, NQ, dtype=torch.long), q.new_empty(B, H), q.new_empty(B, H, dtype=torch.long))
+            q.new_empty(B, H))
 
 
 @torch.library.custom_op("patterndsl::torch_favor_bwd", mutates_args=())
 def _favor_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Tensor, key_padding_mask: Optional[Tensor],
-                  out: Tensor, den: Tensor, kvz: Tensor, cq: Tensor, argq: Tensor, ck: Tensor, argk: Tensor,
-                  eps: float) -> tuple[Tensor, Tensor, Tensor]:
+                  out: Tensor, den: Tensor, kvz: Tensor, cq: Tensor, ck: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     valid = _valid(key_padding_mask)
     inv = torch.where(den == 0, 0, 1 / torch.where(den == 0, 1, den))
     dnum = dout * inv[..., None]                                                            # [B, H, N_q, Dv]
     g = torch.cat([dnum, (-(dout * out).sum(-1) * inv)[..., None]], -1)                    # [dnum, dden]
     # queries: P_q = E_q + eps
-    eq = _features(q, w, cq)
+    xq = _exponent(q, w)
+    argq = xq[0].argmax(-1)
+    eq = _features(q, w, cq, exponent=xq)
     dkvz = torch.matmul(eq.transpose(-1, -2), g).add_(eps * g.sum(-2, keepdim=True))       # [B, H, m, Dv + 1]
     gq = torch.matmul(g, kvz.transpose(-1, -2)).mul_(eq)
     del eq
     dq = _input_grad(q, w, gq, argq[..., None], -gq.sum(-1, keepdim=True))
     # keys: P_k = (E_k + eps) * valid
-    ek = _features(k, w, ck, valid)
+    xk = _exponent(k, w)
+    argk = _key_stabiliser(xk[0], valid, arg=True)
+    ek = _features(k, w, ck, valid, exponent=xk)
     dkv = dkvz[..., :-1]
     dv = torch.matmul(ek, dkv).add_(eps * dkv.sum(-2)[:, :, None])
     if valid is not None:
@@ -138,7 +145,7 @@ def _input_grad(x, w, g, arg, dc, flat=False) -> Tensor:
 
 
 @_favor_bwd_op.register_fake
-def _(dout, q, k, v, w, key_padding_mask, out, den, kvz, cq, argq, ck, argk, eps):
+def _(dout, q, k, v, w, key_padding_mask, out, den, kvz, cq, ck, eps):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
