@@ -209,7 +209,8 @@ def main(argv=None) -> int:
                 print(json.dumps(cells[-1]), flush=True)
     extra = {k: (_child(k, []) if k not in args.skip else None) for k in ("plan", "first")}
     extra["demo"] = demo_check() if "demo" not in args.skip else None
-    lines = report(cells, extra, consts.source)
+    fits = ", ".join(f"{k[4:]} {v:.2f}" for k, v in consts.as_dict().items() if k.startswith("fit."))
+    lines = report(cells, extra, consts.source + (f"; fit factors (measured / predicted): {fits}" if fits else ""))
     print("\n".join(lines))
     if not args.no_write:
         write(lines)

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import PatternError
 from ..ir.program import ProgramIR
+from .fast import call_key, prepare, remember
 from .graph import run_graph
 from .inspect import InspectionMixin
 from .lowered import track
@@ -57,6 +58,7 @@ class AttentionOp(ProjectionsMixin, InspectionMixin):
         self._resolved: dict = {}
         self._lowered: dict = {}     # (stage, shape class, calibration, pins) -> the lowering it runs with
         self._fast: dict = {}        # (stage, exact shapes, ..., calibration, pins) -> that lowering
+        self._ready: dict = {}       # a checked call's key -> the callable that runs such calls (`fast.py`)
         track(self)
         from ..backends.custom import prime
         prime(st.mask for st in ir.stages)  # the custom ops' mask keys, computed before any tracing
@@ -94,8 +96,16 @@ class AttentionOp(ProjectionsMixin, InspectionMixin):
         return self._resolved[device]
 
     def __call__(self, q, k, v, key_padding_mask=None, q_offset=0, **inputs):
+        key = None if torch.compiler.is_compiling() else call_key(q, k, v, key_padding_mask, q_offset, inputs)
+        ready = self._ready.get(key) if key is not None else None
+        if ready is not None:                  # checked before at these shapes (`fast.py`)
+            return ready(q, k, v, key_padding_mask)
         call = check_call(self.ir, q, k, v, key_padding_mask, q_offset, inputs)
-        return run_graph(self, call, self._stage_backends(q.device))
+        backends = self._stage_backends(q.device)
+        out = run_graph(self, call, backends)
+        if key is not None:
+            remember(self, key, prepare(self, q, k, v, key_padding_mask, q_offset, backends))
+        return out
 
     # ---------------------------------------------------------------------------------------------- decoding
     def cache(self):

@@ -131,6 +131,9 @@ class Lowering:
     `ready(problem)` says whether its one-time cost (a compile) is already paid in this process;
     `any_length` whether it runs when torch.compile traces it with symbolic lengths; `explicit(problem)`
     gives why `auto` must not take it there (None: it may), e.g. Triton's CPU interpreter.
+    `bind(stage, q, k, v, scale, padded, q_offset)` (softmax, optional) returns a callable
+    `(q, k, v, key_padding_mask) -> out` for every call with these tensors' shapes, dtypes and devices, padding
+    or not, and this offset, with what depends only on those done once (the op's fast path), or None.
     """
     name: str
     backend: str
@@ -143,6 +146,7 @@ class Lowering:
     ready: Callable[[Problem], bool] | None = None
     any_length: bool = True
     explicit: Callable[[Problem], str | None] | None = None
+    bind: Callable | None = None
 
     def __repr__(self) -> str:
         return f"<Lowering {self.name}>"

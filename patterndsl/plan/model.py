@@ -16,6 +16,12 @@ A prediction is a sum of terms, each an amount of work times a constant calibrat
 | `gemm`, `elem` | matmul FLOPs, elementwise element-passes (linear attention, Luna) | seconds per unit |
 | `ref`, `ref.bwd` | dense score elements of the reference | seconds per element |
 | `triton`, `triton.bwd`, `sdpa.cuda` | score elements on a CUDA device (defaults only: not calibrated here) | seconds per element |
+| `fit.<lowering>`, `fit.bwd.<lowering>` | a lowering's whole prediction, forward or forward+backward | measured / predicted on a probe problem (1 when absent) |
+
+The `fit` factors carry what the terms miss for one lowering (its elementwise passes, allocations and merges
+between kernel calls, which cost more on a few threads than the single-kernel probes suggest); they are
+measured per lowering, separately for the forward and for forward+backward, since a lowering's backward may
+be far from the flash kernel's (`backends/torch/probes.py`), and kept within [`FIT_MIN`, `FIT_MAX`].
 
 Element terms scale with the dtype (`DTYPE_FACTOR`: float64 costs twice float32; fp16/bf16 inputs run in
 float32 on the CPU). One-time terms (compiles) count fully in `Prediction.once` and, spread over `AMORTIZE`
@@ -38,6 +44,7 @@ from .lowering import Work
 AMORTIZE = 100            # calls a one-time cost (a compile) is spread over when choosing
 DTYPE_FACTOR = {torch.float64: 2.0}
 _PER_CALL = ("call", "byte")
+FIT_MIN, FIT_MAX = 0.5, 10.0
 
 DEFAULTS = {
     "cpu": {      # measured on the 2-core development machine (2026-11-30), fp32, 2 threads
@@ -77,6 +84,17 @@ class Constants:
                 return v
         raise KeyError(f"the cost model has no constant for '{term}'")
 
+    def get(self, term: str, default: float) -> float:
+        for k, v in self.values:
+            if k == term:
+                return v
+        return default
+
+    def fit(self, lowering: str, grad: bool) -> float:
+        """The factor on `lowering`'s predicted time (forward, or forward+backward with `grad`)."""
+        f = self.get(f"fit.{'bwd.' if grad else ''}{lowering}", 1.0)
+        return min(max(f, FIT_MIN), FIT_MAX)
+
     def as_dict(self) -> dict:
         return dict(self.values)
 
@@ -97,10 +115,11 @@ class Prediction:
         return self.seconds + self.once / AMORTIZE
 
 
-def predict(work: Work, constants: Constants, dtype: torch.dtype = torch.float32, paid: bool = False) -> Prediction:
-    """Predicted seconds of `work` (one-time terms count unless `paid`)."""
+def predict(work: Work, constants: Constants, dtype: torch.dtype = torch.float32, paid: bool = False,
+            fit: float = 1.0) -> Prediction:
+    """Predicted seconds of `work` (one-time terms count unless `paid`), per-call terms times `fit`."""
     factor = DTYPE_FACTOR.get(dtype, 1.0)
-    terms = tuple((t, n * constants[t] * (1.0 if t in _PER_CALL else factor)) for t, n in work.counts)
+    terms = tuple((t, n * constants[t] * (1.0 if t in _PER_CALL else factor) * fit) for t, n in work.counts)
     once = 0.0 if paid else sum(n * constants[t] for t, n in work.once)
     return Prediction(sum(s for _, s in terms), once, terms)
 

@@ -157,6 +157,12 @@ def _plan(ir: ProgramIR, seq_len, head_dim, device, dtype, requested, batch, hea
                 batch, heads, grad, consts.source)
 
 
+def _note(cd, consts, grad: bool) -> str:
+    """The candidate's work note, and its calibrated fit factor when it has one (`model.py`)."""
+    fit = consts.fit(cd.lowering.name, grad) if cd.prediction is not None else 1.0
+    return "; ".join(x for x in ((cd.work.note if cd.work else ""), f"x{fit:.2f} fit" if fit != 1.0 else "") if x)
+
+
 def _stage_plan(st: Stage, problem: Problem, choice: Choice, consts, seq_len, head_dim, elt, symbolic):
     c = stage_costs(st, head_dim, elt, *symbolic, length=problem.packed or 16)
     n_q, n_k = problem.n_q, problem.n_k
@@ -168,7 +174,7 @@ def _stage_plan(st: Stage, problem: Problem, choice: Choice, consts, seq_len, he
         tiles = (layout.nnz, int((layout.cls == PARTIAL).sum()), max(layout.shape[0] * layout.shape[1], 1))
     lines = tuple(CandidateLine(cd.lowering.name, None if cd.prediction is None else cd.prediction.seconds,
                                 0.0 if cd.prediction is None else cd.prediction.once, cd.why_not,
-                                cd.lowering is choice.chosen, cd.work.note if cd.work else "")
+                                cd.lowering is choice.chosen, _note(cd, consts, problem.grad))
                   for cd in choice.candidates)
     heads = "all" if st.heads is None else f"{st.heads[0]}:{st.heads[1]}"
     cls = "O(1)" if sympy.simplify(flops) == 0 else complexity(flops)

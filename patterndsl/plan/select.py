@@ -88,7 +88,8 @@ def candidates(problem: Problem, requested: str = "auto", consts: Constants | No
             continue
         work = lw.work(problem)
         paid = lw.ready(problem) if lw.ready is not None else True
-        out.append(Candidate(lw, None, work, predict(work, consts, problem.dtype, paid=paid)))
+        fit = consts.fit(lw.name, problem.grad)
+        out.append(Candidate(lw, None, work, predict(work, consts, problem.dtype, paid=paid, fit=fit)))
     return out
 
 

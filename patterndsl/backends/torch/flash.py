@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from ...plan.schedule import merge_by_lse
-
 _FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 NEG_INF = float("-inf")
@@ -73,6 +71,9 @@ def _empty_rows_to_neg_inf(lse: torch.Tensor, mask: torch.Tensor) -> None:
     cand = (lse == 0).nonzero(as_tuple=True)
     if cand[0].numel() == 0:
         return
+    if mask.numel() <= cand[0].numel() * mask.shape[-1]:    # many candidates: the mask's own rows, broadcast
+        lse.masked_fill_(torch.isneginf(mask).all(-1), NEG_INF)
+        return
     B, H, Lq = lse.shape
     full = mask.expand(B, H, Lq, mask.shape[-1])
     dead = torch.isneginf(full[cand]).all(-1)
@@ -91,5 +92,7 @@ def flash_bwd(dout, q, k, v, out, lse, scale: float, mask: torch.Tensor | None =
 def merge(out_a, lse_a, out_b, lse_b):
     """Two softmax pieces of the same rows merged by log-sum-exp (`plan.schedule.merge_by_lse`): (out, lse);
     rows empty in both stay 0/-inf."""
-    out, lse = merge_by_lse(torch.stack([out_a, out_b]), torch.stack([lse_a, lse_b]), 0)
-    return out.to(out_a.dtype), lse
+    total = torch.logaddexp(lse_a, lse_b)                 # as `merge_by_lse` over the two, without stacking
+    safe = total.masked_fill(total == NEG_INF, 0.0)
+    out = torch.addcmul(out_b * torch.exp(lse_b - safe).unsqueeze(-1), out_a, torch.exp(lse_a - safe).unsqueeze(-1))
+    return out.to(out_a.dtype), total

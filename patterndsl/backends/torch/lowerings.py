@@ -63,10 +63,16 @@ def _pieces(bm: int, only_windows: bool) -> Lowering:
         return _pieces_op(q, k, v, key_padding_mask, [], register("torch_pieces", stage.mask, bm), scale,
                           int(q_offset))[0]
 
+    def bind(stage, q, k, v, scale, padded, q_offset):
+        from ..custom import register
+        from .pieces import _pieces_op
+        key, offset = register("torch_pieces", stage.mask, bm), int(q_offset)    # the op's key, hashed once
+        return lambda q, k, v, kpm: _pieces_op(q, k, v, kpm, [], key, scale, offset)[0]
+
     return Lowering(f"torch.pieces/bm{bm}", "torch", ("softmax",),
                     f"bands through strided K/V windows ({bm}-row query blocks, no gather), causal and "
                     f"residue-permuted bands, global rows/columns; pieces merged by log-sum-exp",
-                    applies, lambda p: W.pieces_work(p, bm), run)
+                    applies, lambda p: W.pieces_work(p, bm), run, bind=bind)
 
 
 # ---------------------------------------------------------------------------------------- block-sparse
@@ -101,6 +107,18 @@ def _dense_run(stage, q, k, v, *, scale, key_padding_mask=None, runtime=None, q_
     return dense_attention(q, k, v, stage.mask, scale, key_padding_mask, runtime, q_offset)
 
 
+def _dense_bind(stage, q, k, v, scale, padded, q_offset):
+    """Without padding: SDPA with the cached mask looked up once (nothing else per call)."""
+    from .dense import static_mask
+    if padded:
+        return None
+    mask = None if stage.mask == M.FULL else static_mask(stage.mask, q.shape[2], k.shape[2], q.dtype, q.device,
+                                                          q_offset)
+    gqa = k.shape[1] != q.shape[1]
+    return lambda q, k, v, kpm: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                                 scale=scale, enable_gqa=gqa)
+
+
 def _dense_work(p: Problem) -> Work:
     if p.device.type == "cpu":
         return W.dense_work(p)
@@ -118,6 +136,12 @@ def _causal_applies(p: Problem) -> str | None:
 def _causal_run(stage, q, k, v, *, scale, key_padding_mask=None, runtime=None, q_offset=0):
     from .dense import causal_attention
     return causal_attention(q, k, v, scale)
+
+
+def _causal_bind(stage, q, k, v, scale, padded, q_offset):
+    gqa = k.shape[1] != q.shape[1]
+    return lambda q, k, v, kpm: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                 scale=scale, enable_gqa=gqa)
 
 
 def _causal_work(p: Problem) -> Work:
@@ -271,9 +295,9 @@ def declare_all() -> None:
         declare(_blocksparse(bm, bn))
     declare(Lowering("torch.dense", "torch", ("softmax",),
                      "SDPA over the whole score matrix with the mask materialised once per shape (cached)",
-                     _dense_applies, _dense_work, _dense_run, any_length=False))
+                     _dense_applies, _dense_work, _dense_run, any_length=False, bind=_dense_bind))
     declare(Lowering("torch.causal", "torch", ("softmax",), "SDPA is_causal (no mask at all)",
-                     _causal_applies, _causal_work, _causal_run))
+                     _causal_applies, _causal_work, _causal_run, bind=_causal_bind))
     declare(Lowering("torch.flex", "torch", ("softmax",),
                      "compiled FlexAttention, BlockMask from the closed-form layout (full and partial tiles apart)",
                      _flex_applies, _flex_work, _flex_run, ready=_flex_ready, any_length=False))

@@ -1,9 +1,13 @@
 """Calibration probes of the torch backend on the CPU: a few small timed kernel calls give the cost model's
-constants (`plan/model.py`), about two seconds in all. Each constant is the best of a few repetitions (the
-least disturbed by other work on the machine), less the call overhead, per unit of work.
+constants (`plan/model.py`), then each softmax lowering is timed once on two probe problems for its `fit`
+factors (forward and forward+backward): a few seconds in all on an idle machine. Each constant is the best of
+a few repetitions (the least disturbed by other work on the machine), less the call overhead, per unit of
+work. Calibrate on an idle machine: under load the many small calls of the pieces and block-sparse
+lowerings slow down more than one kernel call does, and their fits come out several times larger.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -62,7 +66,50 @@ def measure_cpu(device: torch.device) -> dict:
                                                # partial tiles about as much again (2026-11-30, 2 cores)
     c["ref"] = 1.3 * c["bmm"]
     c["ref.bwd"] = 1.3 * c["bmm.bwd"]
+    c.update(_fits(c))
     return c
+
+
+FIT_N = 1024        # the probe problems of the fit factors: B 1, H 4, D 64 at this length
+
+
+def _fit_problems():
+    """Two masks every softmax lowering of this backend runs: a windowed band with a global token
+    (Longformer's shape: band, column and row pieces) and a causal band with 64 global columns (prefix LM)."""
+    from ...ir import mask as M
+    return (M.Union((M.Band(-128, 128, 1), M.Cols(frozenset({0})), M.Rows(frozenset({0})))),
+            M.Union((M.Band(0, None, 1), M.Cols(frozenset(range(64))))))
+
+
+def _fits(c: dict) -> dict:
+    """`fit.<lowering>` and `fit.bwd.<lowering>`: each torch softmax lowering timed on the probe problems,
+    forward and forward+backward, over what the terms measured above predict for it (the geometric mean over
+    the problems it runs). Flex is not timed (a compile takes seconds)."""
+    from ...ir.program import Softmax, Stage
+    from ...plan.lowering import Problem, declared
+    from ...plan.model import Constants, predict
+    consts = Constants.of(c, "probe")
+    g = torch.Generator().manual_seed(2)
+    fits: dict[str, list[float]] = {}
+    for mask in _fit_problems():
+        stage = Stage("probe", Softmax(), mask)
+        for grad in (False, True):
+            q, k, v = (torch.randn(1, 4, FIT_N, D, generator=g).requires_grad_(grad) for _ in range(3))
+            problem = Problem(stage, 1, 4, FIT_N, FIT_N, D, D, grad=grad)
+            for lw in declared("softmax", "torch"):
+                if lw.name == "torch.flex" or lw.applies(problem) is not None:
+                    continue
+
+                def call(lw=lw):
+                    with torch.set_grad_enabled(grad):
+                        out = lw.run(stage, q, k, v, scale=D ** -0.5, key_padding_mask=None, runtime={},
+                                     q_offset=0)
+                        if grad:
+                            out.sum().backward()
+                seconds = _best(call, 1)
+                predicted = predict(lw.work(problem), consts).seconds
+                fits.setdefault(f"fit.{'bwd.' if grad else ''}{lw.name}", []).append(seconds / predicted)
+    return {name: math.exp(sum(math.log(x) for x in xs) / len(xs)) for name, xs in fits.items()}
 
 
 def _bmm_chunk_fwd(q, k, v, allowed):
