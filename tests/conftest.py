@@ -16,8 +16,10 @@ if "PATTERNDSL_CACHE" not in os.environ:          # and no calibration cached on
     import tempfile
     os.environ["PATTERNDSL_CACHE"] = os.path.join(tempfile.gettempdir(), "patterndsl-tests-no-calibration")
 
-# pytest-xdist (`-n 2 --dist loadgroup`, the README's command): the workers share the cores, so each runs torch
+# pytest-xdist (`-n 2 --dist loadfile`, the README's command): the workers share the cores, so each runs torch
 # with its share of the intra-op threads (two workers with two threads each would fight over two cores).
+# `loadfile` keeps a file on one worker, so a module-scoped fixture (the gloo processes, the AOT compiles) is
+# set up once.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
@@ -26,18 +28,9 @@ import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:           # a module-scoped fixture is set up once: its module's tests stay on one worker
-        if _module_scoped(item):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     if _HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if item.get_closest_marker("gpu") is not None:   # not `in item.keywords`: that holds folder names
             item.add_marker(skip)
-
-
-def _module_scoped(item) -> bool:
-    info = getattr(item, "_fixtureinfo", None)
-    defs = info.name2fixturedefs.values() if info is not None else ()
-    return any(d[-1].scope in ("module", "package", "session") and d[-1].baseid for d in defs if d)
