@@ -16,6 +16,14 @@ if "PATTERNDSL_CACHE" not in os.environ:          # and no calibration cached on
     import tempfile
     os.environ["PATTERNDSL_CACHE"] = os.path.join(tempfile.gettempdir(), "patterndsl-tests-no-calibration")
 
+# pytest-xdist (`-n 2 --dist loadfile`, the README's command): the workers share the cores, so each runs torch
+# with its share of the intra-op threads (two workers with two threads each would fight over two cores).
+# `loadfile` keeps a file on one worker, so a module-scoped fixture (the gloo processes, the AOT compiles) is
+# set up once.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
+
 import pytest  # noqa: E402
 
 

@@ -1,7 +1,11 @@
 """The cost model: allowed pairs, FLOPs and bytes of a stage as sympy expressions in the sequence length N.
 
-Pair counts are upper bounds that are exact to first order in N for bands, index sets, blocks and random
-blocks (edge effects of order w^2 are dropped); `where` and `same` are bounded by N^2.
+Pair counts are upper bounds (`Mask.pairs`): exact for `causal`, `full` and the other bands bounded on one side
+(N(N+1)/2 for causal), exact to first order in N for bounded bands, index sets, blocks, random blocks and the
+intersections of bands with index sets or with unions of them (edge effects of order w^2 and overlaps of a
+union's parts dropped); `where` and `same` are bounded by N^2, a union by the sum of its parts and an
+intersection by its sparsest part where no closed form is known. Bands with a step s > 1 are exact at
+multiples of s.
 
 >>> from patterndsl.ir.mask import sliding
 >>> pairs(sliding(4))
@@ -51,7 +55,7 @@ def stage_costs(st: Stage, head_dim: int, elt_bytes: int, n_q: sympy.Expr = N, n
             flops, memory = _score_costs(st.score, p, flops, memory, d, elt_bytes, n_q, n_k)
     elif isinstance(st.normaliser, Linear):
         m = getattr(st.normaliser.feature_map, "features", d)
-        p = N ** 2 / 2 if st.causal else N ** 2
+        p = N * (N + 1) / 2 if st.causal else N ** 2     # causal: each query with the keys up to itself
         project = 0 if isinstance(st.normaliser.feature_map, Elu1) else 2 * N * m * d * 2  # elu1: elementwise
         flops = project + 4 * N * m * d  # features of q and k (x W^T), then phi(K)^T V and phi(Q) (...)
         memory = 2 * N * m * 4 + m * d * 4

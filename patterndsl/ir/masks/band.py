@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import sympy
 import torch
 
 from .base import KEEP_ALL, Builder, Keep, Mask, classes, ranges_to_pairs, sure
@@ -88,11 +89,18 @@ class Band(Mask):
         return KEEP_ALL if self.hi is None else Keep(max(0, t - self.hi))
 
     def pairs(self, n):
+        """A bounded band: N per offset (the edge triangles, of order w^2, dropped: an upper bound exact to
+        first order). Unbounded: exact once N passes the bound, for every N when the step is 1 (`causal` is
+        N(N+1)/2) and for multiples of the step otherwise (between them below the count by < step/4)."""
+        s = self.step
         if self.lo is not None and self.hi is not None:
-            return n * ((self.hi - self.lo) // self.step + 1)
+            return n * ((self.hi - self.lo) // s + 1)
         if self.lo is None and self.hi is None:
-            return n ** 2 / self.step
-        return n ** 2 / (2 * self.step)
+            return n ** 2 * sympy.Rational(1, s)
+        first = self.lo if self.lo is not None else -self.hi     # a bound on one side: its mirror has the count
+        m = -first // s           # offsets below 0 that it adds (m > 0), or the offsets >= 0 it drops (m < 0)
+        edge = s * m * (m + 1) // 2 if m > 0 else -s * m * (m + 1) // 2
+        return n ** 2 * sympy.Rational(1, 2 * s) + n * sympy.Rational(1, 2) + m * n - edge
 
     @classmethod
     def union_all(cls, nodes: list) -> list:

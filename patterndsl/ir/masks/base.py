@@ -187,6 +187,10 @@ class Mask:
     def pairs(self, n):
         return n ** 2
 
+    def pairs_with(self, other: "Mask", n):
+        """Pairs of `self & other` in closed form where this node knows one, else None (see `Inter.pairs`)."""
+        return None
+
     def runtime_names(self) -> tuple[str, ...]:
         return ()
 

@@ -62,6 +62,33 @@ class _Index(Mask):
     def pairs(self, n):
         return len(self.idx) * n
 
+    def pairs_with(self, other, n):
+        """With the other side's index set: |S| |T|. With a band: each member's row (or column) meets it in a
+        range of offsets i - j, a constant count or N minus one once N passes the members and the band's bounds
+        (`causal & rows(S)`: i + 1 per row i; `causal & cols(S)`: N - j per column j); None for a dilated band
+        that N cuts."""
+        from .band import Band
+        if isinstance(other, _Index) and other.side != self.side:
+            return len(self.idx) * len(other.idx)
+        if not isinstance(other, Band):
+            return None
+        s, rows = other.step, self.side == "q"
+        if (other.lo if rows else other.hi) is None and s > 1:
+            return None
+        total = 0
+        for x in self.idx:          # row i: offsets in [i - N + 1, i]; column j: offsets in [-j, N - 1 - j]
+            if rows:
+                lo, hi = other.lo, x if other.hi is None else min(other.hi, x)
+                unbounded = lo is None
+            else:
+                lo, hi = -x if other.lo is None else max(other.lo, -x), other.hi
+                unbounded = hi is None
+            if unbounded:
+                total += n - x + hi if rows else n - x - lo
+            else:
+                total += max(0, hi // s - (-(-lo // s)) + 1)
+        return total
+
     def retained(self, t: int) -> Keep:
         """`cols(S)` keeps the keys in S; `rows(S)` every key while a row of S is still to come, then none."""
         if self.side == "k":

@@ -145,8 +145,29 @@ class Inter(_Combined):
                 return found
         return None
 
-    def pairs(self, n):  # bounded by its sparsest part
-        return min((p.pairs(n) for p in self.parts), key=lambda e: float(e.subs(n, 1 << 20)))
+    def pairs(self, n):
+        """Bounded by its sparsest part; tighter where a closed form exists: an intersection with a union
+        distributes over it (`causal & (sliding(w) | global(S))` counts `window(w, 0)`, `causal & cols(S)` and
+        `causal & rows(S)`, a sum as in `Union.pairs`) and two parts may know their common pairs
+        (`Mask.pairs_with`: a band with an index set)."""
+        import sympy
+
+        def big(e):
+            return float(sympy.sympify(e).subs(n, 1 << 20))
+        bound = min((p.pairs(n) for p in self.parts), key=big)
+        found = self._split_pairs(n)
+        return bound if found is None or big(found) > big(bound) else sympy.sympify(found)
+
+    def _split_pairs(self, n):
+        for k, part in enumerate(self.parts):
+            if isinstance(part, Union):
+                rest = self.parts[:k] + self.parts[k + 1:]
+                return Union(tuple(inter(*rest, p) for p in part.parts)).pairs(n)
+        if len(self.parts) == 2:
+            a, b = self.parts
+            found = a.pairs_with(b, n)
+            return found if found is not None else b.pairs_with(a, n)
+        return None
 
 
 @dataclass(frozen=True, repr=True)
