@@ -12,9 +12,9 @@ per chunk, carried states), `torch.luna-cumsum` (cumulative sums, `nested_scan.p
 
 Every softmax lowering takes grouped-query k, v natively (the flash kernel and SDPA read kv head `h // G`;
 Flex gets `enable_gqa`) and a query offset (masks evaluated at positions `q_offset + r`), except SDPA's
-`is_causal`, which is top-left (no offset). `torch.causal-linear`, `torch.linear-quadratic` and
-`torch.luna-chunked` run neither grouped heads nor an offset and say so; `torch.linear-scan` and
-`torch.luna-cumsum` run both.
+`is_causal`, which is top-left (no offset). The linear lowerings run both (`torch.causal-linear` and
+`torch.linear-quadratic` repeat a group's k, v once); `torch.luna-chunked` runs neither and says so
+(`torch.luna-cumsum` runs both).
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from ...plan.decompose import decompose, in_classes
 from ...plan.lowering import Lowering, Problem, Work, declare
 from . import work as W
 
-CAUSAL_CHUNK = 128
 QUADRATIC_MAX = 1024       # the quadratic form of causal linear attention: one chunk of at most this many rows
 _FLASH_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -230,18 +229,24 @@ def _run_scan(stage, q, k, v, *, projection, key_padding_mask=None, q_offset=0):
                             key_padding_mask=key_padding_mask, chunk=256, q_offset=q_offset)
 
 
-def _run_causal_linear(chunk: int | None):
+def _run_causal_linear(quadratic: bool):
+    """The causal linear scan with the chunk of `choose_chunk`, or (quadratic) one chunk over every row."""
     def run(stage, q, k, v, *, projection, key_padding_mask=None, q_offset=0):
         from .causal_linear import causal_linear_attention
+        chunk = max(int(q_offset) + q.shape[2], 1) if quadratic else None
         return causal_linear_attention(q, k, v, stage.normaliser.feature_map, projection, key_padding_mask,
-                                       chunk=chunk or max(q.shape[2], 1))
+                                       chunk=chunk, q_offset=q_offset)
     return run
 
 
+def _causal_chunk(p: Problem) -> int:
+    from .causal_linear import choose_chunk
+    m = getattr(p.stage.normaliser.feature_map, "features", p.head_dim)
+    return choose_chunk(p.q_offset + p.n_q, m, p.head_dim_v)
+
+
 def _causal_only(p: Problem) -> str | None:
-    if not p.stage.causal:
-        return "not causal"
-    return _plain_heads(p)
+    return None if p.stage.causal else "not causal"
 
 
 def _plain_heads(p: Problem) -> str | None:
@@ -305,11 +310,11 @@ def declare_all() -> None:
                      "bidirectional FAVOR+ with in-place features and a hand-written backward",
                      _favor_applies, _linear_work(lambda p: None, 1.5, 1), _run_favor))
     declare(Lowering("torch.causal-linear", "torch", ("linear",),
-                     f"causal linear attention by prefix sums over {CAUSAL_CHUNK}-row chunks, hand-written backward",
-                     _causal_only, _linear_work(lambda p: CAUSAL_CHUNK, 2.0, 25), _run_causal_linear(CAUSAL_CHUNK)))
+                     "causal linear attention by chunked prefix sums, vectorised over chunks, hand-written backward",
+                     _causal_only, _linear_work(_causal_chunk, 2.0, 1), _run_causal_linear(False)))
     declare(Lowering("torch.linear-quadratic", "torch", ("linear",),
                      "causal linear attention in its masked quadratic form (one chunk), hand-written backward",
-                     _quadratic_applies, _linear_work(lambda p: max(p.n_q, 1), 2.0, 25), _run_causal_linear(None),
+                     _quadratic_applies, _linear_work(lambda p: max(p.q_offset + p.n_q, 1), 2.0, 1), _run_causal_linear(True),
                      any_length=False))
     declare(Lowering("torch.linear-scan", "torch", ("linear",),
                      "linear attention by the reference's chunked prefix sums (or two products), autograd backward",
