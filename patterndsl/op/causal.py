@@ -26,10 +26,12 @@ def bad_keys(*keyed: torch.Tensor | None) -> torch.Tensor | None:
 def all_finite(*keyed: torch.Tensor | None) -> bool:
     """Whether every key-side tensor is finite, by one sum each: a NaN or Inf makes its sum non-finite, and a
     finite sum that overflows only sends the call down the exact path. False while torch.compile traces (no
-    data-dependent branch in a graph: the exact path runs there)."""
-    if torch.compiler.is_compiling():
+    data-dependent branch in a graph: the exact path runs there), and off the CPU (reading the sums would
+    synchronise a GPU stream on every call, and meta tensors have no values)."""
+    tensors = [t for t in keyed if t is not None]
+    if torch.compiler.is_compiling() or any(t.device.type != "cpu" for t in tensors):
         return False
-    return all(bool(torch.isfinite(t.detach().sum())) for t in keyed if t is not None)
+    return all(bool(torch.isfinite(t.detach().sum())) for t in tensors)
 
 
 def run_isolated(run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor | None, offset: int,
